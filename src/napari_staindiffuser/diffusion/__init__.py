@@ -1,0 +1,31 @@
+"""Diffusion math: noise schedules, the forward process and reverse-process samplers.
+
+Pure ``torch`` / ``numpy``; imports neither the networks nor napari/Qt.
+"""
+
+from .samplers import (
+    DDIMSampler,
+    DDPMSampler,
+    DPMSolverPPSampler,
+    Sampler,
+    SamplerKind,
+    Spacing,
+    make_sampler,
+    make_timesteps,
+)
+from .schedule import NoiseSchedule, PredictionType, ScheduleKind, make_betas
+
+__all__ = [
+    "DDIMSampler",
+    "DDPMSampler",
+    "DPMSolverPPSampler",
+    "NoiseSchedule",
+    "PredictionType",
+    "Sampler",
+    "SamplerKind",
+    "ScheduleKind",
+    "Spacing",
+    "make_betas",
+    "make_sampler",
+    "make_timesteps",
+]

@@ -1,0 +1,200 @@
+"""The sampling pipeline: model + sampler + noise, as a generator that yields after every step.
+
+As in diffusers, the network (``StainDiffuser.denoise``) and the sampler (``diffusion.samplers``)
+never meet except here. The H&E features are computed once and reused at every step (the
+conditioning image does not change along the reverse process), and all requested branches (the
+generation branch of each stain and, optionally, its auxiliary branch) advance in lockstep.
+
+Randomness comes only from the ``torch.Generator`` objects passed in, one per batch item: item b
+draws its initial noise (and any ancestral noise) from ``generators[b]`` alone, so its result does
+not depend on what else is in the batch. Noise is drawn on the CPU and moved to the device, so a
+seed gives the same noise on every device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import AuxTarget
+from .diffusion import SamplerKind, make_sampler
+from .events import Event, SampleStep
+from .model import Branch, StainDiffuser
+from .training import make_schedule
+
+
+@dataclass(frozen=True)
+class SampleResult(Event):
+    """Final event of :func:`iter_sample`.
+
+    Attributes
+    ----------
+    images : dict[str, ndarray]
+        Stain -> float32 (B, 3, H, W) in [-1, 1]: the virtual IHC (or, for a reverse sample of the
+        bi-directional model, the virtual H&E under the stain's name).
+    aux_score : dict[str, ndarray]
+        Stain -> float32 (B, H, W) in [0, 1]: the auxiliary branch's mask probability, or its
+        normalised distance map (0 on background, 1 at ``distance_max`` inside a cell).
+    aux_mask : dict[str, ndarray]
+        Stain -> bool (B, H, W): positive cells from the auxiliary branch.
+    """
+
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    aux_score: dict[str, np.ndarray] = field(default_factory=dict)
+    aux_mask: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def make_generators(seed: int | Sequence[int], batch: int) -> list[torch.Generator]:
+    """One CPU generator per batch item: ``seed`` (int) gives seeds seed, seed+1, ... ."""
+    seeds = [int(seed) + i for i in range(batch)] if np.isscalar(seed) else [int(s) for s in seed]
+    if len(seeds) != batch:
+        raise ValueError(f"need one seed per batch item ({batch}); got {len(seeds)}")
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _noise(shape: tuple[int, ...], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
+def decode_aux(x0: torch.Tensor, aux_target: AuxTarget, distance_max: float):
+    """Auxiliary branch output (B, 1, H, W) in [-1, 1] -> (score (B, H, W), mask (B, H, W))."""
+    from .stain import distance_to_mask
+
+    x = x0[:, 0].float().clamp(-1, 1).cpu().numpy()
+    score = (x + 1.0) / 2.0
+    is_distance = aux_target is AuxTarget.DISTANCE
+    mask = distance_to_mask(x, distance_max) if is_distance else score > 0.5
+    return score.astype(np.float32), mask
+
+
+def iter_sample(
+    model: StainDiffuser,
+    cond: torch.Tensor,
+    *,
+    stains: Sequence[str] | None = None,
+    sampler: str = "dpmsolver++",
+    steps: int = 20,
+    generators: Sequence[torch.Generator] | None = None,
+    seed: int | Sequence[int] = 0,
+    aux: bool = True,
+    reverse: bool = False,
+    eta: float = 0.0,
+    spacing: str = "trailing",
+) -> Iterator[Event]:
+    """Sample virtual stains for a batch of conditioning images.
+
+    Parameters
+    ----------
+    model : StainDiffuser
+        Used on its current device, in eval mode.
+    cond : Tensor (B, 3, H, W) float in [-1, 1]
+        H&E images (IHC images of ``stains[0]`` when ``reverse``). H, W multiples of
+        ``model.config.downsample_factor``.
+    stains : sequence of str, optional
+        Stains to generate; all of the model's by default.
+    sampler : {"ddpm", "ddim", "dpmsolver++"}
+    steps : int
+        Network evaluations per branch.
+    generators : list of torch.Generator, optional
+        One per batch item; otherwise made from ``seed`` with :func:`make_generators`.
+    aux : bool
+        Also sample the auxiliary branch (mask / distance map) of each stain, if the model has it.
+    reverse : bool
+        Bi-directional models only: IHC -> H&E.
+    eta : float
+        DDIM stochasticity (0 = deterministic).
+    spacing : {"trailing", "leading", "linspace"}
+        How the ``steps`` timesteps are picked from the T training timesteps.
+
+    Yields
+    ------
+    SampleStep after every step, then one SampleResult.
+    """
+    model.check_input(cond, "conditioning image")
+    stains = list(stains) if stains is not None else list(model.stains)
+    if not stains:
+        raise ValueError("ask for at least one stain")
+    for s in stains:
+        model.config.stain_index(s)
+    if reverse and model.config.variant.value != "bidirectional":
+        raise ValueError("reverse (IHC -> H&E) sampling needs a bi-directional model")
+    b, _, h, w = cond.shape
+    if generators is None:
+        generators = make_generators(seed, b)
+    if len(generators) != b:
+        raise ValueError(f"need one generator per batch item ({b}); got {len(generators)}")
+
+    schedule = make_schedule(model.config)
+    branches: list[tuple[Branch, str]] = []
+    for s in stains:
+        branches.append((Branch.REVERSE if reverse else Branch.GEN, s))
+        if aux and model.aux is not None and not reverse:
+            branches.append((Branch.AUX, s))
+    kwargs: dict = {"spacing": spacing}
+    if sampler == SamplerKind.DDIM:  # str enum: matches "ddim" too
+        kwargs["eta"] = eta
+    samplers = [make_sampler(sampler, schedule, steps, **kwargs) for _ in branches]
+    device = next(model.parameters()).device
+
+    # Initial noise x_T: item b, branch by branch, from generators[b] only.
+    per_item = [
+        [torch.randn((model.target_channels(br), h, w), generator=g) for br, _ in branches]
+        for g in generators
+    ]
+    xs = [torch.stack([per_item[i][j] for i in range(b)]).to(device) for j in range(len(branches))]
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            feats = model.encode(cond.to(device))
+            timesteps = samplers[0].timesteps
+            for i, t in enumerate(timesteps):
+                t_vec = torch.full((b,), int(t), device=device, dtype=torch.long)
+                for j, ((branch, stain), smp) in enumerate(zip(branches, samplers, strict=True)):
+                    out = model.denoise(branch, stain, xs[j], t_vec, feats).float()
+                    noise = None
+                    if smp.requires_noise(i):
+                        noise = _noise(tuple(xs[j].shape[1:]), generators).to(device)
+                    xs[j] = smp.step(out, i, xs[j], noise)
+                yield SampleStep(step=i + 1, total=len(timesteps), timestep=int(t))
+    finally:
+        model.train(was_training)
+
+    result = SampleResult()
+    for (branch, stain), x in zip(branches, xs, strict=True):
+        if branch is Branch.AUX:
+            score, mask = decode_aux(x, model.config.aux_target, model.config.distance_max)
+            result.aux_score[stain] = score
+            result.aux_mask[stain] = mask
+        else:
+            result.images[stain] = x.float().clamp(-1, 1).cpu().numpy()
+    yield result
+
+
+def sample(model: StainDiffuser, cond: torch.Tensor, **kwargs) -> SampleResult:
+    """Run :func:`iter_sample` to the end and return its :class:`SampleResult`."""
+    result = None
+    for event in iter_sample(model, cond, **kwargs):
+        result = event
+    assert isinstance(result, SampleResult)
+    return result
+
+
+def to_uint8_rgb(images: np.ndarray) -> np.ndarray:
+    """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
+    x = (np.clip(images, -1, 1) + 1.0) * 127.5
+    return np.rint(x).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def from_uint8_rgb(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) or (H, W, 3) -> float32 tensor (B, 3, H, W) in [-1, 1]."""
+    a = np.asarray(images)
+    if a.ndim == 3:
+        a = a[None]
+    if a.ndim != 4 or a.shape[-1] != 3 or a.dtype != np.uint8:
+        raise ValueError(f"expected uint8 RGB images (B, H, W, 3); got {a.dtype} {a.shape}")
+    return torch.from_numpy(a.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0)

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny configs, small synthetic-looking pairs, an isolated environment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_env(tmp_path_factory):
+    import os
+
+    base = tmp_path_factory.mktemp("xdg")
+    os.environ["XDG_CONFIG_HOME"] = str(base / "config")
+    os.environ["XDG_CACHE_HOME"] = str(base / "cache")
+    import torch
+
+    torch.set_num_threads(2)
+    yield
+
+
+@pytest.fixture
+def tiny_config():
+    from napari_staindiffuser.config import preset
+
+    return preset("tiny", image_size=32)
+
+
+def blob_pairs(n: int, size: int = 32, seed: int = 0, stains=("CD3", "CK8/18")):
+    """Minimal paired data: pink H&E with purple nuclei; brown IHC on the larger ones."""
+    from napari_staindiffuser.pairs import InMemoryPairs, PairSample
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = []
+    for i in range(n):
+        he = np.empty((size, size, 3), np.uint8)
+        he[:] = (235, 170, 200)
+        ihc = np.empty_like(he)
+        ihc[:] = (240, 235, 230)
+        mask = np.zeros((size, size), bool)
+        for _ in range(4):
+            cy, cx = rng.integers(4, size - 4, 2)
+            r = rng.integers(2, 5)
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            he[disc] = (110, 60, 150)
+            if r >= 3:
+                ihc[disc] = (150, 90, 40)
+                mask |= disc
+            else:
+                ihc[disc] = (120, 130, 190)
+                mask &= ~disc
+        out.append(PairSample(he=he, ihc=ihc, stain=stains[i % len(stains)], mask=mask))
+    return InMemoryPairs(out, description=f"blob pairs n={n} seed={seed}")
+
+
+@pytest.fixture
+def pairs():
+    return blob_pairs(8)
