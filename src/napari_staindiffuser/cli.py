@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="end-to-end demo: train a tiny model on synthetic pairs, then stain"
     )
     p.add_argument("--out", default="staindiffuser-demo", help="output folder")
-    p.add_argument("--steps", type=int, default=300, help="training steps")
+    p.add_argument("--steps", type=int, default=600, help="training steps")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -47,7 +47,7 @@ def _panel(rows: list[list[np.ndarray]], gap: int = 4) -> np.ndarray:
 
 
 def run_demo(
-    out: Path, steps: int = 300, seed: int = 0, n_train: int = 96, n_test: int = 8, log=print
+    out: Path, steps: int = 600, seed: int = 0, n_train: int = 96, n_test: int = 8, log=print
 ) -> dict:
     """Run the demo; returns the report dict (also written to ``out/demo_report.json``)."""
     import torch
