@@ -1,0 +1,433 @@
+"""Tiled virtual staining of regions of any size: ``iter_stain``.
+
+The region is cut into overlapping square tiles at the model's pixel size, the tiles are
+stained in batches by the diffusion model (``sampling.iter_sample``), and the outputs are joined
+with a smooth blending window (``tiling.Stitcher``) so there are no seams. Each tile's noise is
+seeded from the run's seed and the tile's *position* (``tiling.tile_rng_seed``), so the result
+does not depend on the batch size or the processing order.
+
+Scale: the model works at the µm/px it was trained at. Each tile's window is read from the input
+at the matching size (``tile * model_mpp / image_mpp`` input pixels) and resampled to the model's
+tile; the stitched output is mapped back onto the input's pixel grid, so the virtual stain lines
+up with the H&E pixel for pixel (up to the resampling, well under one input pixel).
+
+Memory is bounded by the batch and the blending band, not by the region: only ``batch`` tiles are
+in flight, the stitcher keeps one tile-row band, and outputs larger than ``memmap_bytes`` live in
+memory-mapped temporary files.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from .events import Event, Progress
+from .tiling import Stitcher, Tile, TileGrid, tile_rng_seed
+
+
+@dataclass(frozen=True)
+class TileStained(Event):
+    """One tile is done (raw model output, before blending with its neighbours).
+
+    Attributes
+    ----------
+    done, total : int
+        Tiles finished so far and in all.
+    box : (y, x, h, w)
+        Where the tile lies in the output, in input pixels relative to the region's corner.
+    images : dict[str, ndarray]
+        Stain -> uint8 (h, w, 3) virtual IHC of this tile.
+    masks : dict[str, ndarray]
+        Stain -> bool (h, w) positive cells of this tile.
+    eta_s : float or None
+    """
+
+    done: int
+    total: int
+    box: tuple[int, int, int, int]
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    eta_s: float | None = None
+
+
+@dataclass(frozen=True)
+class StainResult(Event):
+    """The stitched result of :func:`iter_stain`, on the input's pixel grid.
+
+    Attributes
+    ----------
+    images : stain -> uint8 (H, W, 3) virtual IHC (mean over samples).
+    masks : stain -> bool (H, W) positive cells.
+    scores : stain -> float32 (H, W) in [0, 1]: the auxiliary branch's score (mask probability or
+        normalised distance), or the DAB optical density of the virtual IHC when the model has no
+        auxiliary branch.
+    uncertainty : stain -> float32 (H, W): per-pixel standard deviation across samples of the
+        virtual IHC (0-255 scale, mean over RGB); empty when ``samples == 1``.
+    region : (y, x, h, w) in input pixels.
+    provenance : dict: model, sampler, steps, seed, region, scale, ... (for layer metadata and
+        OME-TIFF provenance).
+    """
+
+    images: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray]
+    scores: dict[str, np.ndarray]
+    uncertainty: dict[str, np.ndarray]
+    region: tuple[int, int, int, int]
+    provenance: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TileOutput:
+    """What a tile model returns for a batch of tiles (working resolution)."""
+
+    images: dict[str, np.ndarray]  # stain -> float32 (B, S, S, 3) in [0, 1]
+    scores: dict[str, np.ndarray]  # stain -> float32 (B, S, S) in [0, 1]
+
+
+class TileModel(Protocol):
+    """The interface ``iter_stain`` needs; :class:`DiffusionTileModel` is the real one."""
+
+    stains: tuple[str, ...]
+    tile: int  # default tile side (the model's patch size)
+    multiple_of: int  # tiles must be multiples of this
+    mpp: float  # µm/px the model works at
+
+    def run(
+        self, tiles: np.ndarray, seeds: Sequence[int], stains: Sequence[str]
+    ) -> Iterator[Event | TileOutput]: ...
+
+    def decode_mask(self, stain: str, score: np.ndarray) -> np.ndarray: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class DiffusionTileModel:
+    """A StainDiffuser with a sampler, as a :class:`TileModel`."""
+
+    def __init__(
+        self,
+        model,
+        *,
+        sampler: str = "dpmsolver++",
+        steps: int = 20,
+        aux: bool = True,
+        eta: float = 0.0,
+        name: str = "",
+    ):
+        self.model = model
+        cfg = model.config
+        self.stains = cfg.stains
+        self.tile = cfg.image_size
+        self.multiple_of = cfg.downsample_factor
+        self.mpp = cfg.mpp
+        self.sampler, self.steps, self.aux, self.eta, self.name = sampler, steps, aux, eta, name
+
+    @property
+    def has_aux(self) -> bool:
+        return self.aux and self.model.aux is not None
+
+    def run(self, tiles, seeds, stains):
+        import torch
+
+        from .sampling import SampleResult, from_uint8_rgb, iter_sample
+
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        device = next(self.model.parameters()).device
+        for ev in iter_sample(
+            self.model,
+            from_uint8_rgb(tiles).to(device),
+            stains=stains,
+            sampler=self.sampler,
+            steps=self.steps,
+            generators=gens,
+            aux=self.has_aux,
+            eta=self.eta,
+        ):
+            if isinstance(ev, SampleResult):
+                images = {
+                    s: (np.transpose(x, (0, 2, 3, 1)) + 1.0) / 2.0 for s, x in ev.images.items()
+                }
+                yield TileOutput(images=images, scores=dict(ev.aux_score))
+            else:
+                yield ev
+
+    def decode_mask(self, stain: str, score: np.ndarray) -> np.ndarray:
+        from .config import AuxTarget
+
+        cfg = self.model.config
+        if cfg.aux_target is AuxTarget.DISTANCE:
+            from .stain import distance_to_mask
+
+            return distance_to_mask(score * 2.0 - 1.0, cfg.distance_max)
+        return score > 0.5
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.name,
+            "sampler": str(getattr(self.sampler, "value", self.sampler)),
+            "steps": self.steps,
+            "model_mpp": self.mpp,
+            "prediction_type": self.model.config.schedule.prediction_type.value,
+        }
+
+
+def _check_image(image) -> tuple[int, int]:
+    shape = getattr(image, "shape", None)
+    dtype = getattr(image, "dtype", None)
+    if shape is None or len(shape) != 3 or shape[2] != 3:
+        raise ValueError(
+            f"expected an RGB H&E image of shape (H, W, 3); got shape {shape} "
+            "(convert RGBA, grayscale or other channel counts first: io.as_rgb_uint8)"
+        )
+    if dtype != np.uint8:
+        raise ValueError(f"expected an 8-bit (uint8) RGB image; got dtype {dtype}")
+    return int(shape[0]), int(shape[1])
+
+
+def _read_window(image, y: float, x: float, size_in: float, out_size: int) -> np.ndarray:
+    """Input window starting at (y, x) of side ``size_in`` input px, resampled to ``out_size``.
+
+    Parts outside the image are reflected (as at the image border in the untiled case).
+    """
+    from skimage.transform import resize
+
+    h, w = image.shape[:2]
+    y0, x0 = math.floor(y), math.floor(x)
+    y1, x1 = math.ceil(y + size_in), math.ceil(x + size_in)
+    cy0, cx0, cy1, cx1 = max(y0, 0), max(x0, 0), min(y1, h), min(x1, w)
+    win = image[cy0:cy1, cx0:cx1]
+    win = np.asarray(win.compute() if hasattr(win, "compute") else win)
+    pad = ((cy0 - y0, y1 - cy1), (cx0 - x0, x1 - cx1), (0, 0))
+    if any(p for pair in pad for p in pair):
+        win = np.pad(win, pad, mode="reflect" if min(win.shape[:2]) > 1 else "edge")
+    if win.shape[0] == out_size and win.shape[1] == out_size:
+        return win
+    out = resize(win, (out_size, out_size), order=1, anti_aliasing=True, preserve_range=True)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _resize_to(a: np.ndarray, shape: tuple[int, int], order: int = 1) -> np.ndarray:
+    if a.shape[:2] == shape:
+        return a
+    from skimage.transform import resize
+
+    return resize(a, shape, order=order, anti_aliasing=order > 0, preserve_range=True).astype(
+        a.dtype
+    )
+
+
+def _alloc(shape: tuple[int, ...], memmap_bytes: int, tmpdir: list) -> np.ndarray:
+    if int(np.prod(shape)) * 4 <= memmap_bytes:
+        return np.zeros(shape, np.float32)
+    if not tmpdir:
+        tmpdir.append(tempfile.TemporaryDirectory(prefix="staindiffuser-"))
+    path = f"{tmpdir[0].name}/out{len(tmpdir)}.f32"
+    tmpdir.append(path)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+
+
+def iter_stain(
+    image,
+    model,
+    *,
+    region: tuple[int, int, int, int] | None = None,
+    stains: Sequence[str] | None = None,
+    sampler: str = "dpmsolver++",
+    steps: int = 20,
+    seed: int = 0,
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch: int = 8,
+    device: str = "auto",
+    samples: int = 1,
+    image_mpp: float | None = None,
+    aux: bool = True,
+    memmap_bytes: int = 1 << 30,
+) -> Iterator[Event]:
+    """Stain a region of an H&E image tile by tile, yielding progress and every finished tile.
+
+    Parameters
+    ----------
+    image : numpy or dask array (H, W, 3) uint8
+        The H&E (e.g. a level of :func:`io.open_slide`); nothing outside the region is read.
+    model : StainDiffuser or TileModel
+        A StainDiffuser is wrapped in :class:`DiffusionTileModel` with ``sampler``/``steps``.
+    region : (y, x, h, w), optional
+        In input pixels; the whole image by default. Must lie inside the image.
+    stains : sequence of str, optional
+        Stains to make (all of the model's by default).
+    seed : int
+        Noise for tile t and sample s comes from ``tile_rng_seed(seed, t, sample=s)``.
+    tile, overlap : int, optional
+        Tile side in model pixels (a multiple of the model's downsampling; default its patch
+        size) and overlap (even; default a quarter of the tile).
+    batch : int
+        Tiles per network call.
+    samples : int
+        Samples per tile; > 1 adds a per-pixel uncertainty (spread across samples).
+    image_mpp : float, optional
+        µm/px of ``image``. None: assume the model's own pixel size (said in the provenance).
+
+    Yields
+    ------
+    Progress during sampling, TileStained after every batch tile, then one StainResult.
+    """
+    from .training import resolve_device
+
+    h_img, w_img = _check_image(image)
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an integer >= 1; got {batch!r}")
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be an integer >= 1; got {samples!r}")
+    ry, rx, rh, rw = region if region is not None else (0, 0, h_img, w_img)
+    if rh < 1 or rw < 1 or ry < 0 or rx < 0 or ry + rh > h_img or rx + rw > w_img:
+        raise ValueError(
+            f"region (y={ry}, x={rx}, h={rh}, w={rw}) must be non-empty and lie inside the "
+            f"image of {h_img} x {w_img} px"
+        )
+    if not hasattr(model, "run"):
+        model.to(resolve_device(device))
+        model = DiffusionTileModel(model, sampler=sampler, steps=steps, aux=aux)
+    stains = list(stains) if stains is not None else list(model.stains)
+    unknown = [s for s in stains if s not in model.stains]
+    if unknown or not stains:
+        raise ValueError(f"unknown stains {unknown}: the model makes {list(model.stains)}")
+    mpp_assumed = image_mpp is None
+    if image_mpp is not None and not (math.isfinite(image_mpp) and image_mpp > 0):
+        raise ValueError(f"image_mpp must be a positive number of µm/px; got {image_mpp!r}")
+    scale = 1.0 if mpp_assumed else model.mpp / image_mpp  # input px per model px
+    tile = tile or model.tile
+    overlap = tile // 4 // 2 * 2 if overlap is None else overlap
+    wh, ww = max(1, round(rh / scale)), max(1, round(rw / scale))
+    grid = TileGrid.create(wh, ww, tile, overlap, multiple_of=model.multiple_of)
+    sy, sx = rh / wh, rw / ww  # exact input px per working px along each axis
+
+    n = len(stains)
+    chans = n * (3 + 1 + (1 if samples > 1 else 0))
+    tmp: list = []
+    out = _alloc((wh, ww, chans), memmap_bytes, tmp)
+    stitcher = Stitcher(grid, chans, out=out)
+    tiles = grid.tiles
+    total = len(tiles)
+    done = 0
+    t0 = time.perf_counter()
+    try:
+        for b0 in range(0, total, batch):
+            chunk: list[Tile] = tiles[b0 : b0 + batch]
+            rgb = np.stack(
+                [
+                    _read_window(image, ry + t.y * sy, rx + t.x * sx, t.size * sy, t.size)
+                    for t in chunk
+                ]
+            )
+            mean = var = score = None
+            for s in range(samples):
+                seeds = [tile_rng_seed(seed, t, sample=s) for t in chunk]
+                res = None
+                for ev in model.run(rgb, seeds, stains):
+                    if isinstance(ev, TileOutput):
+                        res = ev
+                    else:
+                        eta = _eta(t0, done, total)
+                        yield Progress(done, total, stage="sampling", eta_s=eta)
+                imgs = np.stack([res.images[st] for st in stains], 1)  # (B, n, S, S, 3)
+                sc = np.stack([res.scores.get(st, _dab_score(res.images[st])) for st in stains], 1)
+                if mean is None:
+                    mean, var, score = imgs, np.zeros_like(imgs), sc
+                else:  # Welford running mean and variance over samples
+                    delta = imgs - mean
+                    mean = mean + delta / (s + 1)
+                    var = var + delta * (imgs - mean)
+                    score = score + (sc - score) / (s + 1)
+            for i, t in enumerate(chunk):
+                parts = [mean[i, k] for k in range(n)] + [
+                    score[i, :, :, :, None][k] for k in range(n)
+                ]
+                if samples > 1:
+                    std = np.sqrt(var[i] / (samples - 1)).mean(-1) * 255.0  # (n, S, S)
+                    parts += [std[k][..., None] for k in range(n)]
+                stitcher.add(t, np.concatenate(parts, -1))
+                done += 1
+                box = _box(t, sy, sx, rh, rw)
+                th, tw = box[2], box[3]
+                yield TileStained(
+                    done=done,
+                    total=total,
+                    box=box,
+                    images={
+                        st: _to_uint8(_resize_to(mean[i, k], (th, tw)))
+                        for k, st in enumerate(stains)
+                    },
+                    masks={
+                        st: _resize_to(model.decode_mask(st, score[i, k]), (th, tw), order=0)
+                        for k, st in enumerate(stains)
+                    },
+                    eta_s=_eta(t0, done, total),
+                )
+        full = stitcher.finish()
+        images, masks, scores, unc = {}, {}, {}, {}
+        for k, st in enumerate(stains):
+            rgb = full[..., 3 * k : 3 * k + 3]
+            images[st] = _to_uint8(_resize_to(np.asarray(rgb), (rh, rw)))
+            sc = np.asarray(full[..., 3 * n + k])
+            masks[st] = _resize_to(model.decode_mask(st, sc), (rh, rw), order=0)
+            scores[st] = _resize_to(sc.astype(np.float32), (rh, rw))
+            if samples > 1:
+                unc[st] = _resize_to(np.asarray(full[..., 4 * n + k]), (rh, rw))
+        provenance = {
+            **model.describe(),
+            "stains": stains,
+            "seed": seed,
+            "region": [ry, rx, rh, rw],
+            "tile": tile,
+            "overlap": overlap,
+            "samples": samples,
+            "image_mpp": image_mpp,
+            "mpp_assumed": mpp_assumed,
+            "scale_input_px_per_model_px": scale,
+            "tiles": total,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        yield StainResult(images, masks, scores, unc, (ry, rx, rh, rw), provenance)
+    finally:
+        del out, stitcher
+        if tmp:
+            tmp[0].cleanup()
+
+
+def _eta(t0: float, done: int, total: int) -> float | None:
+    if done == 0:
+        return None
+    return (time.perf_counter() - t0) / done * (total - done)
+
+
+def _box(t: Tile, sy: float, sx: float, rh: int, rw: int) -> tuple[int, int, int, int]:
+    y0, x0 = round(t.y * sy), round(t.x * sx)
+    y1, x1 = min(rh, round((t.y + t.size) * sy)), min(rw, round((t.x + t.size) * sx))
+    return y0, x0, max(0, y1 - y0), max(0, x1 - x0)
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(np.asarray(a) * 255.0), 0, 255).astype(np.uint8)
+
+
+def _dab_score(images: np.ndarray) -> np.ndarray:
+    """DAB optical density of virtual IHC tiles (B, S, S, 3) in [0, 1], scaled to [0, 1]."""
+    from .stain import DAB_MAX, dab_channel
+
+    return np.stack([np.clip(dab_channel(x) / DAB_MAX, 0, 1) for x in images]).astype(np.float32)
+
+
+def stain_region(image, model, **kwargs) -> StainResult:
+    """Run :func:`iter_stain` to the end and return its :class:`StainResult`."""
+    result = None
+    for ev in iter_stain(image, model, **kwargs):
+        result = ev
+    assert isinstance(result, StainResult)
+    return result
