@@ -147,7 +147,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out=Path(args.out), steps=args.steps, seed=args.seed)
+    run_demo(
+        Path(args.out),
+        model=args.model,
+        train_steps=args.train_steps,
+        steps=args.steps,
+        size=args.size,
+        seed=args.seed,
+        device=args.device,
+    )
     return 0
 
 
@@ -191,12 +199,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
-        "demo", help="end-to-end demo: train a tiny model on synthetic pairs, then stain"
+        "demo",
+        help="stain the bundled synthetic slide and the real sample SVS with the "
+        "bundled model; writes OME-TIFFs and previews",
     )
     p.add_argument("--out", default="staindiffuser-demo", help="output folder")
-    p.add_argument("--steps", type=int, default=600, help="training steps")
+    p.add_argument("--model", help="use this checkpoint instead of the bundled model")
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=0,
+        help="first train a tiny model from scratch for N steps and use it",
+    )
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (DPM-Solver++)")
+    p.add_argument("--size", type=int, default=512, help="region side in px")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_demo)
+
+    from .commands import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -284,3 +284,36 @@ def load_checkpoint(
         training=training,
         metadata=meta,
     )
+
+
+BUNDLED_MODEL = "staindiffuser-demo.safetensors"
+
+
+def bundled_model_path() -> Path:
+    """Path of the demo model shipped in the package (``napari_staindiffuser/data``)."""
+    from importlib import resources
+
+    path = Path(str(resources.files("napari_staindiffuser.data").joinpath(BUNDLED_MODEL)))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the bundled model is missing from the installation ({path}); pass a checkpoint"
+        )
+    return path
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """SHA-256 of a checkpoint file (for provenance), first 16 hex digits."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Write an inference-only copy of ``src``: EMA (or raw) weights, config and provenance."""
+    ckpt = load_checkpoint(src, weights="ema")
+    prov = {**ckpt.provenance, "exported_from": Path(src).name, "weights": ckpt.weights}
+    return save_checkpoint(dst, ckpt.model, ema_state=ckpt.model.state_dict(), provenance=prov)

@@ -1,0 +1,354 @@
+"""Slide-level subcommands of ``staindiffuser``: stain, synth, masks, patches, export.
+
+Each one drains a core generator with a progress bar and prints where its outputs went. They are
+registered on the parser by :func:`add_commands` (cli.py keeps train, info and demo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _ints(text: str, n: int, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise ValueError(f"{name} needs {n} comma-separated integers; got {text!r}")
+    return values
+
+
+def _bar(total: int, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, dynamic_ncols=True)
+
+
+def preview_png(path: Path, panels: list[tuple[str, np.ndarray]], max_side: int = 768) -> Path:
+    """Side-by-side PNG of RGB or boolean panels (same size), downsampled to ``max_side``."""
+    from skimage import io as skio
+    from skimage.transform import resize
+
+    h, w = panels[0][1].shape[:2]
+    f = min(1.0, max_side / max(h, w))
+    size = (max(1, round(h * f)), max(1, round(w * f)))
+    tiles = []
+    for _, a in panels:
+        if a.dtype == bool:
+            a = np.repeat((a * 255).astype(np.uint8)[..., None], 3, 2)
+        a = resize(a, size, order=1, anti_aliasing=f < 1, preserve_range=True).astype(np.uint8)
+        tiles.append(np.pad(a, ((0, 0), (0, 6), (0, 0)), constant_values=255))
+    skio.imsave(str(path), np.concatenate(tiles, 1)[:, :-6], check_contrast=False)
+    return path
+
+
+def run_stain(
+    slide_path: str | Path,
+    *,
+    model_path: str | Path | None = None,
+    stains=None,
+    region=None,
+    sampler: str = "dpmsolver++",
+    steps: int = 20,
+    seed: int = 0,
+    batch: int = 8,
+    samples: int = 1,
+    mpp: float | None = None,
+    device: str = "auto",
+    out: str | Path = "staindiffuser-out",
+    log=print,
+    image=None,
+) -> dict:
+    """Stain a region of a slide file (or of ``image``, a Slide) and write OME-TIFFs + preview."""
+    from .inference import StainResult, TileStained, iter_stain
+    from .io import open_slide, write_ome_tiff
+    from .model.checkpoint import bundled_model_path, load_checkpoint, model_hash
+    from .training import resolve_device
+
+    model_path = Path(model_path) if model_path else bundled_model_path()
+    ckpt = load_checkpoint(model_path)
+    slide = image if image is not None else open_slide(slide_path, mpp=mpp)
+    model_mpp = ckpt.config.mpp
+    if slide.mpp is None:
+        log(
+            f"{slide_path}: no pixel size in the file and no --mpp given: assuming the model's "
+            f"own {model_mpp:g} um/px"
+        )
+        level, level_mpp = 0, None
+    else:
+        level = slide.best_level_for(model_mpp)
+        level_mpp = slide.level_mpp(level)
+    img = slide.levels[level]
+    ds = slide.level_downsample(level)
+    if region is not None:  # x, y, w, h in level-0 pixels -> (y, x, h, w) at the level
+        x, y, w, h = region
+        reg = (round(y / ds), round(x / ds), max(1, round(h / ds)), max(1, round(w / ds)))
+    else:
+        reg = (0, 0, img.shape[0], img.shape[1])
+    dev = resolve_device(device)
+    ckpt.model.to(dev)
+    px = f"{level_mpp:.3g} um/px" if level_mpp else "pixel size assumed"
+    log(
+        f"staining {reg[3]} x {reg[2]} px of level {level} ({px}) with "
+        f"{model_path.name} on {dev}: {sampler}, {steps} steps, seed {seed}"
+    )
+    bar = None
+    result = None
+    for ev in iter_stain(
+        img,
+        ckpt.model,
+        region=reg,
+        stains=stains,
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        batch=batch,
+        samples=samples,
+        image_mpp=level_mpp,
+        device=str(dev),
+    ):
+        if isinstance(ev, TileStained):
+            if bar is None:
+                bar = _bar(ev.total, "tile")
+            bar.update(1)
+        elif isinstance(ev, StainResult):
+            result = ev
+    if bar is not None:
+        bar.close()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(slide_path).stem if slide_path else "image"
+    prov = {
+        **result.provenance,
+        "model_file": model_path.name,
+        "model_sha256": model_hash(model_path),
+        "source": str(slide_path),
+        "level": level,
+        "region_level0_xywh": list(region) if region else None,
+    }
+    written = {}
+    y, x, h, w = reg
+    he = np.asarray(img[y : y + h, x : x + w])
+    panels = [("H&E", he)]
+    for stain, rgb in result.images.items():
+        tag = stain.replace("/", "")
+        p = write_ome_tiff(
+            out / f"{stem}_virtual-{tag}.ome.tif",
+            rgb,
+            mpp=level_mpp,
+            metadata={**prov, "content": f"virtual {stain} IHC"},
+        )
+        m = write_ome_tiff(
+            out / f"{stem}_mask-{tag}.ome.tif",
+            result.masks[stain],
+            mpp=level_mpp,
+            metadata={**prov, "content": f"{stain} positive cells (model)"},
+        )
+        written[stain] = {"virtual": str(p), "mask": str(m)}
+        panels += [(f"virtual {stain}", rgb), (f"{stain} mask", result.masks[stain])]
+        if stain in result.uncertainty:
+            u = result.uncertainty[stain]
+            written[stain]["uncertainty"] = str(
+                write_ome_tiff(
+                    out / f"{stem}_uncertainty-{tag}.ome.tif",
+                    np.clip(u * 4, 0, 255).astype(np.uint8),
+                    mpp=level_mpp,
+                    metadata={**prov, "content": "std across samples x4 (0-255)"},
+                )
+            )
+    preview = preview_png(out / f"{stem}_preview.png", panels)
+    (out / f"{stem}_provenance.json").write_text(json.dumps(prov, indent=2, default=str))
+    log(f"preview: {preview}")
+    for stain, files in written.items():
+        for kind, p in files.items():
+            log(f"{stain} {kind}: {p}")
+    return {"files": written, "preview": str(preview), "provenance": prov, "result": result}
+
+
+def cmd_stain(args: argparse.Namespace) -> int:
+    stains = [s.strip() for s in args.stains.split(",")] if args.stains else None
+    region = _ints(args.region, 4, "--region x,y,w,h") if args.region else None
+    run_stain(
+        args.slide,
+        model_path=args.model,
+        stains=stains,
+        region=region,
+        sampler=args.sampler,
+        steps=args.steps,
+        seed=args.seed,
+        batch=args.batch,
+        samples=args.samples,
+        mpp=args.mpp,
+        device=args.device,
+        out=args.out,
+    )
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .pairs import synthetic_pairs, write_pair_folder
+
+    stains = [s.strip() for s in args.stains.split(",")]
+    print(f"rendering {args.n} SYNTHETIC pairs ({args.size} px at {args.mpp:g} um/px) ...")
+    pairs = synthetic_pairs(args.seed, args.n, stains=stains, size=args.size, mpp=args.mpp)
+    root = write_pair_folder(args.out, pairs)
+    print(f"paired-patch folder: {root} ({len(pairs)} pairs; manifest.csv)")
+    return 0
+
+
+def cmd_masks(args: argparse.Namespace) -> int:
+    from .events import Progress
+    from .io import open_slide, write_ome_tiff
+    from .stain import MaskTile, dab_statistics, get_preset, iter_coarse_masks
+
+    slide = open_slide(args.ihc, mpp=args.mpp)
+    preset = get_preset(args.stain)
+    if args.rule:
+        import dataclasses
+
+        preset = dataclasses.replace(preset, rule=args.rule, fixed_threshold=args.threshold)
+    if slide.mpp:
+        preset = preset.at_mpp(slide.mpp)
+    stats = dab_statistics(slide.levels[-1])  # whole-slide statistics on the coarsest level
+    img = slide.levels[0]
+    mask = np.zeros(img.shape[:2], bool)
+    bar = None
+    for ev in iter_coarse_masks(img, preset, stats=stats):
+        if isinstance(ev, Progress):
+            bar = bar or _bar(ev.total, "tile")
+            bar.n = ev.done
+            bar.refresh()
+        elif isinstance(ev, MaskTile):
+            mask[ev.y : ev.y + ev.mask.shape[0], ev.x : ev.x + ev.mask.shape[1]] = ev.mask
+    if bar:
+        bar.close()
+    out = write_ome_tiff(
+        args.out,
+        mask,
+        mpp=slide.mpp,
+        metadata={
+            "content": f"coarse {args.stain} mask",
+            "source": str(args.ihc),
+            "preset": preset.name,
+            "rule": preset.rule.value,
+            "dab_mean": stats.mean,
+            "dab_std": stats.std,
+        },
+    )
+    print(f"{mask.mean():.2%} of the slide is positive; mask: {out}")
+    return 0
+
+
+def cmd_patches(args: argparse.Namespace) -> int:
+    from .events import Progress
+    from .io import open_slide
+    from .pairs import InMemoryPairs, PairSample, write_pair_folder
+    from .patches import PatchSpec, estimate_shift, iter_patch_pairs
+
+    he, ihc = open_slide(args.he, mpp=args.mpp), open_slide(args.ihc, mpp=args.mpp)
+    reg = estimate_shift(he.levels[0], ihc.levels[0], mpp=he.mpp)
+    print(reg.message())
+    shift = None
+    if not reg.ok:
+        if not args.correct_shift:
+            raise ValueError(
+                "the pair is not registered well enough; rerun with --correct-shift to correct "
+                "the translation, or register the slides first"
+            )
+        shift = (reg.dy, reg.dx)
+    regions = (
+        [_ints(r, 4, "--regions y,x,h,w") for r in args.regions.split(";")]
+        if args.regions
+        else None
+    )
+    spec = PatchSpec(patch=args.patch, max_patches=args.max, seed=args.seed)
+    samples, bar = [], None
+    for ev in iter_patch_pairs(
+        he.levels[0], ihc.levels[0], args.stain, regions=regions, spec=spec, mpp=he.mpp, shift=shift
+    ):
+        if isinstance(ev, Progress):
+            bar = bar or _bar(ev.total, "window")
+            bar.n = ev.done
+            bar.refresh()
+        elif isinstance(ev, PairSample):
+            samples.append(ev)
+    if bar:
+        bar.close()
+    if not samples:
+        raise ValueError("no patch had enough tissue; check the regions and the H&E")
+    root = write_pair_folder(args.out, InMemoryPairs(samples))
+    print(f"{len(samples)} pairs written to {root}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .model.checkpoint import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.out)
+    print(
+        f"inference-only checkpoint (EMA weights, no optimizer state): {path} "
+        f"({path.stat().st_size / 1e6:.1f} MB)"
+    )
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("stain", help="virtual IHC for a slide region (OME-TIFF + PNG preview)")
+    p.add_argument("slide", help="H&E slide or image: SVS, (OME-)TIFF, PNG, JPEG")
+    p.add_argument("--model", help="checkpoint (.safetensors); default: the bundled model")
+    p.add_argument("--stains", help="comma-separated, e.g. CD3,CK8/18 (default: all)")
+    p.add_argument("--region", help="x,y,w,h in level-0 pixels (default: whole image)")
+    p.add_argument("--sampler", default="dpmsolver++", choices=["dpmsolver++", "ddim", "ddpm"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=8, help="tiles per network call")
+    p.add_argument("--samples", type=int, default=1, help=">1 adds an uncertainty map")
+    p.add_argument("--mpp", type=float, help="µm/px when the file has none")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="staindiffuser-out", help="output folder")
+    p.set_defaults(func=cmd_stain)
+
+    p = sub.add_parser("synth", help="write SYNTHETIC paired patches (a training folder)")
+    p.add_argument("out")
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--mpp", type=float, default=0.25)
+    p.add_argument("--stains", default="CD3,CK8/18")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("masks", help="coarse positive-cell mask from an IHC slide")
+    p.add_argument("ihc")
+    p.add_argument("--stain", required=True, help="preset: CD3 or CK8/18")
+    p.add_argument("--rule", choices=["mean+2std", "otsu", "fixed"], help="override the preset")
+    p.add_argument("--threshold", type=float, help="DAB threshold for --rule fixed")
+    p.add_argument("--mpp", type=float)
+    p.add_argument("--out", required=True, help="output .ome.tif")
+    p.set_defaults(func=cmd_masks)
+
+    p = sub.add_parser("patches", help="paired training patches from an H&E and an IHC slide")
+    p.add_argument("he")
+    p.add_argument("ihc")
+    p.add_argument("--stain", required=True)
+    p.add_argument("--out", required=True, help="output folder (manifest.csv + PNGs)")
+    p.add_argument("--regions", help="y,x,h,w;y,x,h,w;... in level-0 px (default: all)")
+    p.add_argument("--patch", type=int, default=256)
+    p.add_argument("--max", type=int, help="at most this many patches (random subset)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mpp", type=float)
+    p.add_argument(
+        "--correct-shift",
+        action="store_true",
+        help="correct a measured translation above the tolerance",
+    )
+    p.set_defaults(func=cmd_patches)
+
+    p = sub.add_parser("export", help="strip training state: an inference-only checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_export)
