@@ -14,6 +14,19 @@ from napari_staindiffuser.io import open_slide, read_provenance, sample_svs_path
 from napari_staindiffuser.model import StainDiffuser
 from napari_staindiffuser.model.checkpoint import load_checkpoint, save_checkpoint
 
+TINY_TRAIN = [
+    "--preset",
+    "tiny",
+    "--image-size",
+    "32",
+    "--steps",
+    "1",
+    "--batch",
+    "2",
+    "--device",
+    "cpu",
+]
+
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
@@ -67,28 +80,7 @@ def test_synth_then_train_on_the_folder(tmp_path):
     assert main(["synth", str(folder), "--n", "4", "--size", "64", "--mpp", "0.5"]) == 0
     assert (folder / "manifest.csv").read_text().count("\n") == 5
     ckpt = tmp_path / "m.safetensors"
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(folder),
-                "--preset",
-                "tiny",
-                "--image-size",
-                "32",
-                "--steps",
-                "1",
-                "--batch",
-                "2",
-                "--out",
-                str(ckpt),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert main(["train", "--data", str(folder), *TINY_TRAIN, "--out", str(ckpt)]) == 0
     assert "paired folder" in load_checkpoint(ckpt).provenance["data"]
 
 
@@ -181,30 +173,8 @@ def test_patches_from_registered_and_shifted_pairs(tmp_path, capsys):
 
 def test_export_strips_training_state(tmp_path):
     ckpt = tmp_path / "m.safetensors"
-    assert (
-        main(
-            [
-                "train",
-                "--synthetic",
-                "2",
-                "--patch-size",
-                "64",
-                "--preset",
-                "tiny",
-                "--image-size",
-                "32",
-                "--steps",
-                "1",
-                "--batch",
-                "2",
-                "--out",
-                str(ckpt),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    args = ["train", "--synthetic", "2", "--patch-size", "64", *TINY_TRAIN, "--out", str(ckpt)]
+    assert main(args) == 0
     small = tmp_path / "small.safetensors"
     assert main(["export", str(ckpt), str(small)]) == 0
     assert small.stat().st_size < ckpt.stat().st_size / 2

@@ -53,7 +53,8 @@ class PredictionType(str, enum.Enum):
     V = "v_prediction"
 
 
-def _enum(value: Any, cls: type[enum.Enum], name: str) -> Any:
+def coerce_enum(cls: type[enum.Enum], value: Any, name: str) -> Any:
+    """``value`` as a member of ``cls``, or a ValueError that lists the valid values."""
     if isinstance(value, cls):
         return value
     try:
@@ -87,11 +88,11 @@ class ScheduleConfig:
     prediction_type: PredictionType = PredictionType.V
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", _enum(self.kind, ScheduleKind, "schedule kind"))
+        object.__setattr__(self, "kind", coerce_enum(ScheduleKind, self.kind, "schedule kind"))
         object.__setattr__(
             self,
             "prediction_type",
-            _enum(self.prediction_type, PredictionType, "prediction_type"),
+            coerce_enum(PredictionType, self.prediction_type, "prediction_type"),
         )
         t = self.num_train_timesteps
         _check(
@@ -161,8 +162,8 @@ class ModelConfig:
             )
         set_(self, "stains", tuple(self.stains))
         set_(self, "channel_mults", tuple(int(m) for m in self.channel_mults))
-        set_(self, "variant", _enum(self.variant, Variant, "variant"))
-        set_(self, "aux_target", _enum(self.aux_target, AuxTarget, "aux_target"))
+        set_(self, "variant", coerce_enum(Variant, self.variant, "variant"))
+        set_(self, "aux_target", coerce_enum(AuxTarget, self.aux_target, "aux_target"))
         if isinstance(self.schedule, dict):
             set_(self, "schedule", ScheduleConfig(**self.schedule))
         _check(len(self.stains) >= 1, "stains must name at least one stain; got none")

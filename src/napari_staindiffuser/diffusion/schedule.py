@@ -28,6 +28,7 @@ import torch
 
 # One definition of each enum for the whole package (config.py is stdlib-only).
 from ..config import PredictionType, ScheduleKind
+from ..config import coerce_enum as _coerce_enum
 
 __all__ = ["NoiseSchedule", "PredictionType", "ScheduleKind", "make_betas"]
 
@@ -36,17 +37,6 @@ COSINE_OFFSET = 0.008  # "s" in Nichol & Dhariwal 2021, eq. 17
 COSINE_MAX_BETA = 0.999  # clipping of the cosine betas (Nichol & Dhariwal 2021, sec. 3.2)
 
 _E = TypeVar("_E", bound=enum.Enum)
-
-
-def _coerce_enum(enum_cls: type[_E], value: object, what: str) -> _E:
-    """Return ``value`` as a member of ``enum_cls`` or raise a ValueError listing valid values."""
-    if isinstance(value, enum_cls):
-        return value
-    try:
-        return enum_cls(value)
-    except ValueError:
-        valid = ", ".join(repr(m.value) for m in enum_cls)
-        raise ValueError(f"unknown {what} {value!r}; expected one of {valid}") from None
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
