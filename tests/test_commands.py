@@ -183,6 +183,11 @@ def test_export_strips_training_state(tmp_path):
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="inference-only"):
         load_checkpoint(small, with_training=True)
+    # an exported (EMA-only) model is a valid starting point for fine-tuning
+    tuned = tmp_path / "tuned.safetensors"
+    args = ["train", "--synthetic", "2", "--patch-size", "64", *TINY_TRAIN, "--out", str(tuned)]
+    assert main([*args, "--init", str(small)]) == 0
+    assert load_checkpoint(tuned).provenance["init"] == str(small)
 
 
 def test_demo_runs_and_reports(tmp_path, tiny_ckpt):

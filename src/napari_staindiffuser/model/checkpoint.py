@@ -222,8 +222,8 @@ def load_checkpoint(
     Parameters
     ----------
     weights : {"ema", "model"}
-        Which weights to put in ``Checkpoint.model``; "ema" falls back to the raw weights when
-        the file has no EMA weights.
+        Which weights to put in ``Checkpoint.model``; each falls back to the other kind when the
+        file holds only one (``Checkpoint.weights`` says which was loaded).
     with_training : bool
         Also return the :class:`TrainingState` (``ValueError`` if the file has none).
     """
@@ -244,7 +244,8 @@ def load_checkpoint(
         raise ValueError(f"{path}: cannot read tensors (truncated or corrupt): {exc}") from None
 
     model = StainDiffuser(config)
-    use = "ema" if weights == "ema" and groups["ema"] else "model"
+    # the requested weights, else the other kind (an exported file holds only EMA weights)
+    use = weights if groups[weights] else ("model" if weights == "ema" else "ema")
     if not groups[use]:
         raise ValueError(f"{path} holds no {use} weights")
     _load_into(model, groups[use], path, use)
