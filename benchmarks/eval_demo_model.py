@@ -94,9 +94,10 @@ def main():
             torch.manual_seed(0)
             raw = StainDiffuser(cfg).eval()
             res["untrained network"] = evaluate(raw, pairs, stain, args.steps)["model"]
-        for name, (ps, ss, d) in res.items():
+        for name, row in res.items():
             if name.startswith("_"):
                 continue
+            ps, ss, d = row
             cells = [f"{v:.3f}" if np.isfinite(v) else "-" for v in (ss, d)]
             ps_cell = f"{ps:.2f}" if np.isfinite(ps) else "-"
             print(f"| {stain} | {name} | {ps_cell} | {cells[0]} | {cells[1]} |", flush=True)

@@ -63,8 +63,13 @@ def test_round_trip_is_bit_exact(tmp_path, tiny_config):
 
 
 def test_inference_checkpoint_has_no_training_state(tmp_path, tiny_config):
+    import os
+
     model, _, ema = _trained(tiny_config)
     path = ck.save_checkpoint(tmp_path / "m.safetensors", model, ema_state=ema.shadow)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
     with pytest.raises(ValueError, match="inference-only"):
         ck.load_checkpoint(path, with_training=True)
     config, prov = ck.read_config(path)
