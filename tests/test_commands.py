@@ -202,3 +202,16 @@ def test_demo_runs_and_reports(tmp_path, tiny_ckpt):
     assert all(np.isfinite(r["PSNR"]) for r in report["synthetic"]["metrics"])
     assert (out / "svs" / "CMU-1-Small-Region_preview.png").exists()
     assert main(["demo", "--size", "4096", "--out", str(out)]) == 2
+
+
+def test_level_region_stays_inside_the_level():
+    from napari_staindiffuser.commands import level_region
+
+    shape0, shape1 = (32914, 20000), (8228, 5000)
+    for y in range(0, 4000, 7):
+        ry, rx, rh, rw = level_region((5, y, 19990, 32914 - y), shape0, shape1)
+        assert ry + rh <= shape1[0] and rx + rw <= shape1[1] and rh >= 1 and rw >= 1
+    assert level_region((10, 20, 30, 40), (100, 100), (100, 100)) == (20, 10, 40, 30)
+    assert level_region(None, (100, 100), (50, 50)) == (0, 0, 50, 50)
+    with pytest.raises(ValueError, match="inside the slide"):
+        level_region((90, 0, 20, 10), (100, 100), (100, 100))

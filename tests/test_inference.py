@@ -168,3 +168,44 @@ def test_bad_input():
         stain_region(_image(20, 20), m, image_mpp=0.0)
     with pytest.raises(ValueError, match="multiple"):
         stain_region(_image(20, 20), m, tile=20)
+
+
+def test_model_without_aux_branch_masks_from_dab():
+    torch.manual_seed(0)
+    m = StainDiffuser(preset("tiny", image_size=16, aux_target="none")).eval()
+    img = _image(32, 32, seed=5)
+    res = stain_region(img, m, steps=2, tile=16, overlap=4, device="cpu")
+    from napari_staindiffuser.stain import coarse_mask, get_preset
+
+    for s in ("CD3", "CK8/18"):
+        want = coarse_mask(res.images[s], get_preset(s).at_mpp(m.config.mpp))
+        np.testing.assert_array_equal(res.masks[s], want)
+
+
+def test_tile_previews_of_a_region_smaller_than_a_tile():
+    img = _image(20, 20)
+    tiles = [e for e in iter_stain(img, Pointwise(), tile=32) if isinstance(e, TileStained)]
+    assert len(tiles) == 1 and tiles[0].box == (0, 0, 20, 20)
+    want = Pointwise.fn(img)
+    got = tiles[0].images["CD3"].astype(np.float32) / 255
+    assert np.abs(got - want).max() <= 0.5 / 255 + 1e-6
+
+
+def test_fractional_scale_windows_align():
+    """Non-integer pixel-size ratios keep the output on the input grid (no drift over the
+    region): a smooth ramp survives the round trip through the model grid."""
+    yy, xx = np.mgrid[:150, :150].astype(np.float32)
+    img = np.stack([yy * 1.5, xx * 1.5, (yy + xx) * 0.8], -1).astype(np.uint8)
+    res = stain_region(img, Pointwise(), image_mpp=0.499, tile=16, overlap=4)
+    want = Pointwise.fn(img)
+    err = np.abs(res.images["CD3"].astype(np.float32) / 255 - want)[3:-3, 3:-3]
+    assert err.mean() < 0.005 and err.max() < 0.03
+
+
+def test_large_outputs_go_through_a_memmap_and_are_copied_out():
+    res = stain_region(_image(48, 40), Pointwise(), tile=16, overlap=4, memmap_bytes=1)
+    assert isinstance(res.images["CD3"], np.ndarray) and not isinstance(
+        res.images["CD3"], np.memmap
+    )
+    want = Pointwise.fn(_image(48, 40))
+    assert np.abs(res.images["CD3"].astype(np.float32) / 255 - want).max() <= 0.5 / 255 + 1e-6

@@ -183,3 +183,11 @@ def test_config_json_round_trip_and_frozen():
     assert TrainConfig.from_dict(tc.to_dict()) == tc
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="seed"):
+        TrainConfig(seed=-1)
+    with pytest.raises(ValueError, match="val_batches"):
+        TrainConfig(val_batches=1.5)
+    with pytest.raises(ValueError, match="grad_clip must be a finite number"):
+        TrainConfig(grad_clip="1")
+    with pytest.raises(ValueError, match="distance_max"):
+        ModelConfig(distance_max=0.5)

@@ -66,6 +66,23 @@ def test_same_seed_same_sample_and_batch_independence(model, sampler):
     np.testing.assert_array_equal(alone.aux_mask["CD3"][0], a.aux_mask["CD3"][1])
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmsolver++"])
+def test_a_stain_does_not_depend_on_what_else_is_sampled(model, sampler):
+    cond = _cond(2)
+    both = sample(model, cond, sampler=sampler, steps=3, seed=4)
+    alone = sample(model, cond, sampler=sampler, steps=3, seed=4, stains=["CK8/18"], aux=False)
+    np.testing.assert_allclose(alone.images["CK8/18"], both.images["CK8/18"], atol=1e-6)
+
+
+def test_no_inference_mode_leaks_between_steps(model):
+    gen = iter_sample(model, _cond(1), steps=3)
+    next(gen)
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    x = torch.ones(2, requires_grad=True)
+    (x * 2).sum().backward()  # a training step on this thread still works
+    gen.close()
+
+
 def test_subset_of_stains_and_no_aux(model):
     r = sample(model, _cond(1), stains=["CK8/18"], aux=False, steps=2)
     assert set(r.images) == {"CK8/18"} and not r.aux_mask

@@ -162,6 +162,20 @@ def test_stop_saves_checkpoint_and_resume_is_exact(tmp_path, tiny_config, pairs)
             assert torch.equal(v, b.training.optimizer_state["state"][i][k])
 
 
+def test_resume_is_exact_with_dropout_and_validation(tmp_path, pairs):
+    cfg = preset("tiny", image_size=32, dropout=0.3)
+    kw = dict(val_source=pairs, device="cpu")
+    ref = tmp_path / "ref.safetensors"
+    list(iter_train(_train_cfg(val_every=1), pairs, model_config=cfg, out=ref, **kw))
+    part = tmp_path / "part.safetensors"
+    list(iter_train(_train_cfg(steps=2, val_every=1), pairs, model_config=cfg, out=part, **kw))
+    list(iter_train(_train_cfg(val_every=1), pairs, resume=part, out=part, **kw))
+    a = load_checkpoint(ref, with_training=True).training.model_state
+    b = load_checkpoint(part, with_training=True).training.model_state
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+
+
 def test_resume_refuses_to_go_backwards(tmp_path, tiny_config, pairs):
     out = tmp_path / "m.safetensors"
     list(iter_train(_train_cfg(steps=2), pairs, model_config=tiny_config, out=out, device="cpu"))

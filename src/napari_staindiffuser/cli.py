@@ -228,9 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         print(f"staindiffuser {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # a diverging training run; the last checkpoint is kept
+        print(f"staindiffuser {args.command}: training diverged: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,32 @@ def preview_png(path: Path, panels: list[tuple[str, np.ndarray]], max_side: int 
     return path
 
 
+def stats_level(slide, max_pixels: int = 16_000_000):
+    """The finest pyramid level with at most ``max_pixels`` pixels (the coarsest if none is):
+    whole-slide DAB statistics are taken there, as the paper does, without reading level 0."""
+    for lvl in slide.levels:
+        if lvl.shape[0] * lvl.shape[1] <= max_pixels:
+            return lvl
+    return slide.levels[-1]
+
+
+def level_region(region, shape0, shape) -> tuple[int, int, int, int]:
+    """(x, y, w, h) in level-0 px -> (y, x, h, w) on a level of ``shape``, per-axis downsample,
+    start floored and end ceiled, clipped to the level (whole level when ``region`` is None)."""
+    if region is None:
+        return 0, 0, int(shape[0]), int(shape[1])
+    x, y, w, h = region
+    if w < 1 or h < 1 or x < 0 or y < 0 or x + w > shape0[1] or y + h > shape0[0]:
+        raise ValueError(
+            f"region x={x}, y={y}, w={w}, h={h} must be non-empty and inside the slide "
+            f"({shape0[1]} x {shape0[0]} px at level 0)"
+        )
+    fy, fx = shape0[0] / shape[0], shape0[1] / shape[1]
+    y0, x0 = math.floor(y / fy), math.floor(x / fx)
+    y1, x1 = min(shape[0], math.ceil((y + h) / fy)), min(shape[1], math.ceil((x + w) / fx))
+    return y0, x0, max(1, y1 - y0), max(1, x1 - x0)
+
+
 def run_stain(
     slide_path: str | Path,
     *,
@@ -84,12 +112,7 @@ def run_stain(
         level = slide.best_level_for(model_mpp)
         level_mpp = slide.level_mpp(level)
     img = slide.levels[level]
-    ds = slide.level_downsample(level)
-    if region is not None:  # x, y, w, h in level-0 pixels -> (y, x, h, w) at the level
-        x, y, w, h = region
-        reg = (round(y / ds), round(x / ds), max(1, round(h / ds)), max(1, round(w / ds)))
-    else:
-        reg = (0, 0, img.shape[0], img.shape[1])
+    reg = level_region(region, slide.shape, img.shape[:2])
     dev = resolve_device(device)
     ckpt.model.to(dev)
     px = f"{level_mpp:.3g} um/px" if level_mpp else "pixel size assumed"
@@ -141,13 +164,17 @@ def run_stain(
             out / f"{stem}_virtual-{tag}.ome.tif",
             rgb,
             mpp=level_mpp,
-            metadata={**prov, "content": f"virtual {stain} IHC"},
+            metadata={**prov, "content": f"virtual {stain} IHC", "layer_type": "image"},
         )
         m = write_ome_tiff(
             out / f"{stem}_mask-{tag}.ome.tif",
             result.masks[stain],
             mpp=level_mpp,
-            metadata={**prov, "content": f"{stain} positive cells (model)"},
+            metadata={
+                **prov,
+                "content": f"{stain} positive cells (model)",
+                "layer_type": "labels",
+            },
         )
         written[stain] = {"virtual": str(p), "mask": str(m)}
         panels += [(f"virtual {stain}", rgb), (f"{stain} mask", result.masks[stain])]
@@ -158,7 +185,11 @@ def run_stain(
                     out / f"{stem}_uncertainty-{tag}.ome.tif",
                     np.clip(u * 4, 0, 255).astype(np.uint8),
                     mpp=level_mpp,
-                    metadata={**prov, "content": "std across samples x4 (0-255)"},
+                    metadata={
+                        **prov,
+                        "content": "std across samples x4 (0-255)",
+                        "layer_type": "image",
+                    },
                 )
             )
     preview = preview_png(out / f"{stem}_preview.png", panels)
@@ -214,9 +245,14 @@ def cmd_masks(args: argparse.Namespace) -> int:
         preset = dataclasses.replace(preset, rule=args.rule, fixed_threshold=args.threshold)
     if slide.mpp:
         preset = preset.at_mpp(slide.mpp)
-    stats = dab_statistics(slide.levels[-1])  # whole-slide statistics on the coarsest level
+    stats = dab_statistics(stats_level(slide))  # whole-slide statistics, reduced level
     img = slide.levels[0]
-    mask = np.zeros(img.shape[:2], bool)
+    # the full-resolution mask lives in a memory-mapped temporary file, not in RAM
+    tmp = tempfile.TemporaryDirectory(prefix="staindiffuser-mask-", ignore_cleanup_errors=True)
+    mask = np.lib.format.open_memmap(
+        f"{tmp.name}/mask.npy", mode="w+", dtype=bool, shape=img.shape[:2]
+    )
+    positive = 0
     bar = None
     for ev in iter_coarse_masks(img, preset, stats=stats):
         if isinstance(ev, Progress):
@@ -225,6 +261,7 @@ def cmd_masks(args: argparse.Namespace) -> int:
             bar.refresh()
         elif isinstance(ev, MaskTile):
             mask[ev.y : ev.y + ev.mask.shape[0], ev.x : ev.x + ev.mask.shape[1]] = ev.mask
+            positive += int(ev.mask.sum())
     if bar:
         bar.close()
     out = write_ome_tiff(
@@ -240,7 +277,10 @@ def cmd_masks(args: argparse.Namespace) -> int:
             "dab_std": stats.std,
         },
     )
-    print(f"{mask.mean():.2%} of the slide is positive; mask: {out}")
+    frac = positive / mask.size
+    del mask
+    tmp.cleanup()
+    print(f"{frac:.2%} of the slide is positive; mask: {out}")
     return 0
 
 
@@ -249,6 +289,7 @@ def cmd_patches(args: argparse.Namespace) -> int:
     from .io import open_slide
     from .pairs import InMemoryPairs, PairSample, write_pair_folder
     from .patches import PatchSpec, estimate_shift, iter_patch_pairs
+    from .stain import dab_statistics
 
     he, ihc = open_slide(args.he, mpp=args.mpp), open_slide(args.ihc, mpp=args.mpp)
     reg = estimate_shift(he.levels[0], ihc.levels[0], mpp=he.mpp)
@@ -267,9 +308,17 @@ def cmd_patches(args: argparse.Namespace) -> int:
         else None
     )
     spec = PatchSpec(patch=args.patch, max_patches=args.max, seed=args.seed)
+    stats = dab_statistics(stats_level(ihc))  # whole-slide statistics, as `masks` takes them
     samples, bar = [], None
     for ev in iter_patch_pairs(
-        he.levels[0], ihc.levels[0], args.stain, regions=regions, spec=spec, mpp=he.mpp, shift=shift
+        he.levels[0],
+        ihc.levels[0],
+        args.stain,
+        regions=regions,
+        spec=spec,
+        mpp=he.mpp,
+        shift=shift,
+        stats=stats,
     ):
         if isinstance(ev, Progress):
             bar = bar or _bar(ev.total, "window")
@@ -308,7 +357,7 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=8, help="tiles per network call")
     p.add_argument("--samples", type=int, default=1, help=">1 adds an uncertainty map")
-    p.add_argument("--mpp", type=float, help="µm/px when the file has none")
+    p.add_argument("--mpp", type=float, help="µm/px of level 0 (overrides the file's value)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="staindiffuser-out", help="output folder")
     p.set_defaults(func=cmd_stain)
@@ -336,7 +385,7 @@ def add_commands(sub) -> None:
     p.add_argument("ihc")
     p.add_argument("--stain", required=True)
     p.add_argument("--out", required=True, help="output folder (manifest.csv + PNGs)")
-    p.add_argument("--regions", help="y,x,h,w;y,x,h,w;... in level-0 px (default: all)")
+    p.add_argument("--regions", help="x,y,w,h;x,y,w,h;... in level-0 px (default: all)")
     p.add_argument("--patch", type=int, default=256)
     p.add_argument("--max", type=int, help="at most this many patches (random subset)")
     p.add_argument("--seed", type=int, default=0)

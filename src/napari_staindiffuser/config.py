@@ -229,7 +229,10 @@ class ModelConfig:
             f"mpp (microns per pixel) must be a positive number; got {self.mpp!r}",
         )
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1); got {self.dropout!r}")
-        _check(self.distance_max > 0, f"distance_max must be > 0; got {self.distance_max!r}")
+        _check(
+            isinstance(self.distance_max, (int, float)) and self.distance_max >= 1,
+            f"distance_max must be a number of pixels >= 1; got {self.distance_max!r}",
+        )
         _check(
             self.attention_heads >= 1
             and (self.base_channels * self.channel_mults[-1]) % self.attention_heads == 0,
@@ -313,14 +316,29 @@ class TrainConfig:
     bf16: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "warmup_steps", "val_every", "checkpoint_every"):
+        ints = (
+            "steps",
+            "batch_size",
+            "warmup_steps",
+            "val_every",
+            "checkpoint_every",
+            "seed",
+            "val_batches",
+        )
+        for name in ints:
             v = getattr(self, name)
-            lo = 1 if name in ("steps", "batch_size") else 0
+            lo = 1 if name in ("steps", "batch_size", "val_batches") else 0
             _check(
                 isinstance(v, int) and not isinstance(v, bool) and v >= lo,
                 f"{name} must be an integer >= {lo}; got {v!r}",
             )
         _check(math.isfinite(self.lr) and 0 < self.lr < 1, f"lr must be in (0, 1); got {self.lr!r}")
+        for name in ("lr", "weight_decay", "grad_clip", "ema_decay", "color_jitter"):
+            v = getattr(self, name)
+            _check(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                f"{name} must be a finite number; got {v!r}",
+            )
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0; got {self.weight_decay!r}")
         _check(self.grad_clip > 0, f"grad_clip must be > 0; got {self.grad_clip!r}")
         _check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1); got {self.ema_decay!r}")
@@ -328,7 +346,6 @@ class TrainConfig:
             0.0 <= self.color_jitter <= 0.5,
             f"color_jitter must be in [0, 0.5]; got {self.color_jitter!r}",
         )
-        _check(self.val_batches >= 1, f"val_batches must be >= 1; got {self.val_batches!r}")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -190,25 +190,41 @@ def _check_image(image) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def _read_window(image, y: float, x: float, size_in: float, out_size: int) -> np.ndarray:
-    """Input window starting at (y, x) of side ``size_in`` input px, resampled to ``out_size``.
+def _read_window(image, y: float, x: float, hy: float, wx: float, out_size: int) -> np.ndarray:
+    """The input window [y, y + hy) x [x, x + wx) (input px, fractional) sampled on an
+    ``out_size`` x ``out_size`` grid of pixel centres, as ``skimage.transform.resize`` would map
+    it (same anti-aliasing), so tiles agree with each other and with the mapping back.
 
     Parts outside the image are reflected (as at the image border in the untiled case).
     """
-    from skimage.transform import resize
+    from scipy import ndimage
 
     h, w = image.shape[:2]
-    y0, x0 = math.floor(y), math.floor(x)
-    y1, x1 = math.ceil(y + size_in), math.ceil(x + size_in)
+    sy, sx = hy / out_size, wx / out_size  # input px per output px
+    pad = 2 + math.ceil(2 * max(sy, sx))  # room for the interpolation and anti-aliasing kernels
+    y0, x0 = math.floor(y) - pad, math.floor(x) - pad
+    y1, x1 = math.ceil(y + hy) + pad, math.ceil(x + wx) + pad
     cy0, cx0, cy1, cx1 = max(y0, 0), max(x0, 0), min(y1, h), min(x1, w)
     win = image[cy0:cy1, cx0:cx1]
     win = np.asarray(win.compute() if hasattr(win, "compute") else win)
-    pad = ((cy0 - y0, y1 - cy1), (cx0 - x0, x1 - cx1), (0, 0))
-    if any(p for pair in pad for p in pair):
-        win = np.pad(win, pad, mode="reflect" if min(win.shape[:2]) > 1 else "edge")
-    if win.shape[0] == out_size and win.shape[1] == out_size:
-        return win
-    out = resize(win, (out_size, out_size), order=1, anti_aliasing=True, preserve_range=True)
+    pads = ((cy0 - y0, y1 - cy1), (cx0 - x0, x1 - cx1), (0, 0))
+    if any(p for pair in pads for p in pair):
+        win = np.pad(win, pads, mode="symmetric")
+    if sy == 1.0 and sx == 1.0 and float(y).is_integer() and float(x).is_integer():
+        o = pad
+        return win[o : o + out_size, o : o + out_size]
+    f = win.astype(np.float32)
+    sigma = (max(0.0, (sy - 1) / 2), max(0.0, (sx - 1) / 2), 0.0)  # skimage's anti-aliasing
+    if sigma[0] or sigma[1]:
+        f = ndimage.gaussian_filter(f, sigma, mode="mirror")
+    k = np.arange(out_size) + 0.5
+    ry = y + k * sy - 0.5 - y0  # pixel-centre coordinates inside the window
+    rx = x + k * sx - 0.5 - x0
+    out = np.empty((out_size, out_size, f.shape[2]), np.float32)
+    for c in range(f.shape[2]):
+        out[..., c] = ndimage.map_coordinates(
+            f[..., c], np.meshgrid(ry, rx, indexing="ij"), order=1, mode="mirror"
+        )
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -226,7 +242,9 @@ def _alloc(shape: tuple[int, ...], memmap_bytes: int, tmpdir: list) -> np.ndarra
     if int(np.prod(shape)) * 4 <= memmap_bytes:
         return np.zeros(shape, np.float32)
     if not tmpdir:
-        tmpdir.append(tempfile.TemporaryDirectory(prefix="staindiffuser-"))
+        tmpdir.append(
+            tempfile.TemporaryDirectory(prefix="staindiffuser-", ignore_cleanup_errors=True)
+        )
     path = f"{tmpdir[0].name}/out{len(tmpdir)}.f32"
     tmpdir.append(path)
     return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
@@ -307,6 +325,7 @@ def iter_stain(
     wh, ww = max(1, round(rh / scale)), max(1, round(rw / scale))
     grid = TileGrid.create(wh, ww, tile, overlap, multiple_of=model.multiple_of)
     sy, sx = rh / wh, rw / ww  # exact input px per working px along each axis
+    out_mpp = image_mpp or model.mpp
 
     n = len(stains)
     chans = n * (3 + 1 + (1 if samples > 1 else 0))
@@ -322,7 +341,9 @@ def iter_stain(
             chunk: list[Tile] = tiles[b0 : b0 + batch]
             rgb = np.stack(
                 [
-                    _read_window(image, ry + t.y * sy, rx + t.x * sx, t.size * sy, t.size)
+                    _read_window(
+                        image, ry + t.y * sy, rx + t.x * sx, t.size * sy, t.size * sx, t.size
+                    )
                     for t in chunk
                 ]
             )
@@ -337,7 +358,14 @@ def iter_stain(
                         eta = _eta(t0, done, total)
                         yield Progress(done, total, stage="sampling", eta_s=eta)
                 imgs = np.stack([res.images[st] for st in stains], 1)  # (B, n, S, S, 3)
-                sc = np.stack([res.scores.get(st, _dab_score(res.images[st])) for st in stains], 1)
+                dab_stains = {st for st in stains if st not in res.scores}
+                sc = np.stack(
+                    [
+                        _dab_score(res.images[st]) if st in dab_stains else res.scores[st]
+                        for st in stains
+                    ],
+                    1,
+                )
                 if mean is None:
                     mean, var, score = imgs, np.zeros_like(imgs), sc
                 else:  # Welford running mean and variance over samples
@@ -356,30 +384,39 @@ def iter_stain(
                 done += 1
                 box = _box(t, sy, sx, rh, rw)
                 th, tw = box[2], box[3]
+                ch, cw = min(t.size, wh - t.y), min(t.size, ww - t.x)  # the tile inside the grid
+                tile_imgs = {
+                    st: _to_uint8(_resize_to(mean[i, k, :ch, :cw], (th, tw)))
+                    for k, st in enumerate(stains)
+                }
                 yield TileStained(
                     done=done,
                     total=total,
                     box=box,
-                    images={
-                        st: _to_uint8(_resize_to(mean[i, k], (th, tw)))
-                        for k, st in enumerate(stains)
-                    },
+                    images=tile_imgs,
                     masks={
-                        st: _resize_to(model.decode_mask(st, score[i, k]), (th, tw), order=0)
+                        st: _dab_mask(tile_imgs[st], st, out_mpp)
+                        if st in dab_stains
+                        else _resize_to(
+                            model.decode_mask(st, score[i, k, :ch, :cw]), (th, tw), order=0
+                        )
                         for k, st in enumerate(stains)
                     },
                     eta_s=_eta(t0, done, total),
                 )
         full = stitcher.finish()
         images, masks, scores, unc = {}, {}, {}, {}
-        for k, st in enumerate(stains):
-            rgb = full[..., 3 * k : 3 * k + 3]
-            images[st] = _to_uint8(_resize_to(np.asarray(rgb), (rh, rw)))
-            sc = np.asarray(full[..., 3 * n + k])
-            masks[st] = _resize_to(model.decode_mask(st, sc), (rh, rw), order=0)
-            scores[st] = _resize_to(sc.astype(np.float32), (rh, rw))
+        for k, st in enumerate(stains):  # copies: `full` may be a temporary memmap
+            images[st] = _to_uint8(_resize_to(np.array(full[..., 3 * k : 3 * k + 3]), (rh, rw)))
+            sc = np.array(full[..., 3 * n + k], dtype=np.float32)
+            scores[st] = _resize_to(sc, (rh, rw))
+            if st in dab_stains:
+                masks[st] = _dab_mask(images[st], st, out_mpp)
+            else:
+                masks[st] = _resize_to(model.decode_mask(st, sc), (rh, rw), order=0)
             if samples > 1:
-                unc[st] = _resize_to(np.asarray(full[..., 4 * n + k]), (rh, rw))
+                unc[st] = _resize_to(np.array(full[..., 4 * n + k]), (rh, rw))
+        del full
         provenance = {
             **model.describe(),
             "stains": stains,
@@ -399,6 +436,18 @@ def iter_stain(
         del out, stitcher
         if tmp:
             tmp[0].cleanup()
+
+
+def _dab_mask(rgb: np.ndarray, stain: str, mpp: float) -> np.ndarray:
+    """Positive cells from the DAB of a virtual IHC (models without an auxiliary branch): the
+    stain's coarse-mask preset (Otsu for stains without one), statistics of this image."""
+    from .stain import MaskPreset, ThresholdRule, coarse_mask, get_preset
+
+    try:
+        preset = get_preset(stain)
+    except ValueError:
+        preset = MaskPreset(name=stain, rule=ThresholdRule.OTSU)
+    return coarse_mask(rgb, preset.at_mpp(mpp))
 
 
 def _eta(t0: float, done: int, total: int) -> float | None:

@@ -55,8 +55,17 @@ def make_generators(seed: int | Sequence[int], batch: int) -> list[torch.Generat
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
-def _noise(shape: tuple[int, ...], generators: Sequence[torch.Generator]) -> torch.Tensor:
-    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+_BRANCH_IDS = {Branch.GEN: 0, Branch.AUX: 1, Branch.REVERSE: 2}
+
+
+def _branch_generator(g: torch.Generator, branch: Branch, stain_index: int) -> torch.Generator:
+    """A generator for one (item, branch): seeded from the item's generator *state* (not its
+    draws) and the branch's identity, so the item's generator is left untouched."""
+    copy = torch.Generator()
+    copy.set_state(g.get_state())
+    base = int(torch.randint(0, 2**62, (1,), generator=copy))
+    seq = np.random.SeedSequence(base, spawn_key=(_BRANCH_IDS[branch], stain_index))
+    return torch.Generator().manual_seed(int(seq.generate_state(1, np.uint64)[0] >> np.uint64(1)))
 
 
 def decode_aux(x0: torch.Tensor, aux_target: AuxTarget, distance_max: float):
@@ -139,28 +148,47 @@ def iter_sample(
     samplers = [make_sampler(sampler, schedule, steps, **kwargs) for _ in branches]
     device = next(model.parameters()).device
 
-    # Initial noise x_T: item b, branch by branch, from generators[b] only.
-    per_item = [
-        [torch.randn((model.target_channels(br), h, w), generator=g) for br, _ in branches]
+    # Every (item, branch) gets its own generator, derived from the item's generator and the
+    # branch's identity (kind, stain), so a stain's sample does not depend on which other stains
+    # or branches are requested, nor on the batch.
+    branch_gens = [
+        [_branch_generator(g, br, model.config.stain_index(st)) for br, st in branches]
         for g in generators
     ]
-    xs = [torch.stack([per_item[i][j] for i in range(b)]).to(device) for j in range(len(branches))]
+    xs = [
+        torch.stack(
+            [
+                torch.randn((model.target_channels(br), h, w), generator=branch_gens[i][j])
+                for i in range(b)
+            ]
+        ).to(device)
+        for j, (br, _) in enumerate(branches)
+    ]
 
+    # Inference mode and eval mode are held only while computing, never across a yield, so the
+    # consumer's code between steps (or a thread that keeps a paused generator) is unaffected.
     was_training = model.training
-    model.eval()
     try:
+        model.eval()
         with torch.inference_mode():
             feats = model.encode(cond.to(device))
-            timesteps = samplers[0].timesteps
-            for i, t in enumerate(timesteps):
+        model.train(was_training)
+        timesteps = samplers[0].timesteps
+        for i, t in enumerate(timesteps):
+            model.eval()
+            with torch.inference_mode():
                 t_vec = torch.full((b,), int(t), device=device, dtype=torch.long)
                 for j, ((branch, stain), smp) in enumerate(zip(branches, samplers, strict=True)):
                     out = model.denoise(branch, stain, xs[j], t_vec, feats).float()
                     noise = None
                     if smp.requires_noise(i):
-                        noise = _noise(tuple(xs[j].shape[1:]), generators).to(device)
+                        shape = tuple(xs[j].shape[1:])
+                        noise = torch.stack(
+                            [torch.randn(shape, generator=branch_gens[k][j]) for k in range(b)]
+                        ).to(device)
                     xs[j] = smp.step(out, i, xs[j], noise)
-                yield SampleStep(step=i + 1, total=len(timesteps), timestep=int(t))
+            model.train(was_training)
+            yield SampleStep(step=i + 1, total=len(timesteps), timestep=int(t))
     finally:
         model.train(was_training)
 

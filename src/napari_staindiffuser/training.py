@@ -226,7 +226,12 @@ def iter_train(
         torch.manual_seed(train_config.seed)
         model = StainDiffuser(config)
     else:
-        ckpt = load_checkpoint(resume or init, weights="model", with_training=resume is not None)
+        # resume continues the raw weights; fine-tuning starts from the (better) EMA weights
+        ckpt = load_checkpoint(
+            resume or init,
+            weights="model" if resume is not None else "ema",
+            with_training=resume is not None,
+        )
         config, model = ckpt.config, ckpt.model
         if resume is not None:
             training_state = ckpt.training
@@ -300,7 +305,8 @@ def iter_train(
     def validate(step: int) -> Validation:
         nonlocal eval_model
         if eval_model is None:
-            eval_model = StainDiffuser(config).to(dev).eval()
+            with torch.random.fork_rng(devices=[]):  # leave the training RNG untouched
+                eval_model = StainDiffuser(config).to(dev).eval()
         eval_model.load_state_dict(ema.shadow)
         sums: dict[str, list[float]] = {}
         with torch.no_grad():
@@ -331,6 +337,7 @@ def iter_train(
                 **batch_kw,
             )
             gen = torch.Generator().manual_seed(_step_seed(tc.seed, step, 0))
+            torch.manual_seed(_step_seed(tc.seed, step, 1))  # dropout: same draws after resume
             lr = lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
