@@ -502,7 +502,7 @@ def _dask_chunks(chunks: tuple[int, ...], shape: tuple[int, ...], axes: str) -> 
 def _tiff_mpp(tf: tifffile.TiffFile, page: Any) -> tuple[float | None, str | None]:
     """Pixel size from OME, SVS, ImageJ or resolution tags, with its source."""
     if tf.is_ome:
-        mpp = _ome_mpp(tf.ome_metadata or "")
+        mpp = ome_mpp(tf.ome_metadata or "")
         if mpp is not None:
             return mpp, "ome"
     if tf.is_svs:
@@ -525,7 +525,8 @@ def _tiff_mpp(tf: tifffile.TiffFile, page: Any) -> tuple[float | None, str | Non
     return (mpp, source) if lo <= mpp <= hi else (None, None)
 
 
-def _ome_mpp(xml: str) -> float | None:
+def ome_mpp(xml: str) -> float | None:
+    """``Pixels/@PhysicalSizeX`` of the first OME image, in µm (None when absent or unknown)."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:

@@ -29,9 +29,9 @@ from skimage.color import rgb2hed
 from skimage.filters import window
 from skimage.registration import phase_cross_correlation
 
-from napari_staindiffuser import stain as _stain
-from napari_staindiffuser.events import Progress
-from napari_staindiffuser.pairs import InMemoryPairs, PairSample
+from . import stain as _stain
+from .events import Progress
+from .pairs import InMemoryPairs, PairSample
 
 __all__ = ["PatchSpec", "Registration", "correct_shift", "estimate_shift"]
 __all__ += ["extract_patch_pairs", "haematoxylin_channel", "iter_patch_pairs"]

@@ -33,7 +33,7 @@ from skimage.color import hed_from_rgb, rgb2hed
 from skimage.filters import threshold_otsu
 from skimage.morphology import disk
 
-from napari_staindiffuser.events import Progress
+from .events import Progress
 
 #: Largest value :func:`dab_channel` can return (pure yellow, ``rgb = (1, 1, 0)``).
 DAB_MAX = float(np.clip(hed_from_rgb[:, 2], 0, None).sum())

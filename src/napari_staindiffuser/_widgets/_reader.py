@@ -17,14 +17,14 @@ layers hold dask arrays over the file's tiles. See ``docs/napari.md``.
 from __future__ import annotations
 
 import functools
-import math
 import os
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..io import ome_mpp
 
 __all__ = ["SUFFIXES", "napari_get_reader", "read_layers"]
 
@@ -34,16 +34,6 @@ _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _PNG_COLOUR_TYPES = (2, 3, 6)  # RGB, palette, RGBA (0 and 4 are grayscale)
 _SOFTWARE = "napari-staindiffuser"
-_UNIT_UM = {
-    "µm": 1.0,
-    "μm": 1.0,
-    "um": 1.0,
-    "micron": 1.0,
-    "nm": 1e-3,
-    "mm": 1e3,
-    "cm": 1e4,
-    "m": 1e6,
-}
 
 LayerData = tuple  # (data, kwargs, layer_type)
 
@@ -233,7 +223,7 @@ def _read_plane(p: Path, kind: str) -> LayerData:
                 str(p.resolve()), st.st_mtime_ns, st.st_size, i
             )
             levels.append(da.from_array(z, chunks=z.chunks, name=name)[index])
-        mpp = _ome_mpp(tf.ome_metadata or "") if tf.is_ome else None
+        mpp = ome_mpp(tf.ome_metadata or "") if tf.is_ome else None
         file_meta = {
             "format": "ome-tiff" if tf.is_ome else "tiff",
             "original_dtype": str(series.dtype),
@@ -257,22 +247,3 @@ def _read_plane(p: Path, kind: str) -> LayerData:
         if levels[0].dtype == np.uint8:
             kwargs["contrast_limits"] = (0, 255)
     return (levels if len(levels) > 1 else levels[0], kwargs, kind)
-
-
-def _ome_mpp(xml: str) -> float | None:
-    """``Pixels/@PhysicalSizeX`` of the first image, in µm (None when absent or unknown)."""
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError:
-        return None
-    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
-    if pixels is None:
-        return None
-    try:
-        size = float(pixels.get("PhysicalSizeX", "nan"))
-    except ValueError:
-        return None
-    unit = _UNIT_UM.get(pixels.get("PhysicalSizeXUnit", "µm"))
-    if unit is None or not math.isfinite(size) or size <= 0:
-        return None
-    return size * unit
