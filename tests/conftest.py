@@ -26,6 +26,23 @@ def tiny_config():
     return preset("tiny", image_size=32)
 
 
+def untrained_model(image_size: int = 32, seed: int = 0, **overrides):
+    """A tiny StainDiffuser whose zero-initialised layers are randomised, so that its outputs
+    depend on its inputs (a freshly built model predicts exactly zero)."""
+    import torch
+
+    from napari_staindiffuser.config import preset
+    from napari_staindiffuser.model import StainDiffuser
+
+    torch.manual_seed(seed)
+    model = StainDiffuser(preset("tiny", image_size=image_size, **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(std=0.05)
+    return model
+
+
 def blob_pairs(n: int, size: int = 32, seed: int = 0, stains=("CD3", "CK8/18")):
     """Minimal paired data: pink H&E with purple nuclei; brown IHC on the larger ones."""
     from napari_staindiffuser.pairs import InMemoryPairs, PairSample

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from napari_staindiffuser.cli import main
-from napari_staindiffuser.config import preset
 from napari_staindiffuser.io import open_slide, read_provenance, sample_svs_path
-from napari_staindiffuser.model import StainDiffuser
 from napari_staindiffuser.model.checkpoint import load_checkpoint, save_checkpoint
+
+from conftest import untrained_model
 
 TINY_TRAIN = [
     "--preset",
@@ -30,12 +30,7 @@ TINY_TRAIN = [
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = StainDiffuser(preset("tiny", image_size=32))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(std=0.05)
+    model = untrained_model()
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     save_checkpoint(path, model, provenance={"note": "untrained test model"})
     return path
@@ -113,62 +108,34 @@ def test_patches_from_registered_and_shifted_pairs(tmp_path, capsys):
     he, ihc = tmp_path / "he.tif", tmp_path / "ihc.tif"
     tifffile.imwrite(he, reg.he)
     tifffile.imwrite(ihc, reg.ihc["CK8/18"])
-    out = tmp_path / "pairs"
-    rc = main(
-        [
-            "patches",
-            str(he),
-            str(ihc),
-            "--stain",
-            "CK8/18",
-            "--out",
-            str(out),
-            "--patch",
-            "128",
-            "--mpp",
-            "0.5",
-        ]
-    )
-    assert rc == 0 and (out / "manifest.csv").exists()
-    shifted = tmp_path / "shifted.tif"
-    tifffile.imwrite(shifted, np.roll(reg.ihc["CK8/18"], (9, -6), axis=(0, 1)))
-    capsys.readouterr()
-    rc = main(
-        [
-            "patches",
-            str(he),
-            str(shifted),
-            "--stain",
-            "CK8/18",
-            "--out",
-            str(tmp_path / "p2"),
-            "--patch",
-            "128",
-            "--mpp",
-            "0.5",
-        ]
-    )
-    err = capsys.readouterr()
-    assert rc == 2 and "--correct-shift" in err.err and "offset by" in err.out
-    assert (
-        main(
+
+    def patches(ihc_file, out, *extra):
+        return main(
             [
                 "patches",
                 str(he),
-                str(shifted),
+                str(ihc_file),
                 "--stain",
                 "CK8/18",
                 "--out",
-                str(tmp_path / "p3"),
+                str(out),
                 "--patch",
                 "128",
                 "--mpp",
                 "0.5",
-                "--correct-shift",
+                *extra,
             ]
         )
-        == 0
-    )
+
+    assert patches(ihc, tmp_path / "pairs") == 0
+    assert (tmp_path / "pairs" / "manifest.csv").exists()
+    shifted = tmp_path / "shifted.tif"
+    tifffile.imwrite(shifted, np.roll(reg.ihc["CK8/18"], (9, -6), axis=(0, 1)))
+    capsys.readouterr()
+    rc = patches(shifted, tmp_path / "p2")
+    err = capsys.readouterr()
+    assert rc == 2 and "--correct-shift" in err.err and "offset by" in err.out
+    assert patches(shifted, tmp_path / "p3", "--correct-shift") == 0
 
 
 def test_export_strips_training_state(tmp_path):

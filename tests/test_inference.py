@@ -17,6 +17,8 @@ from napari_staindiffuser.inference import (
 )
 from napari_staindiffuser.model import StainDiffuser
 
+from conftest import untrained_model
+
 
 class Pointwise:
     """A deterministic stand-in TileModel: a pointwise colour map (translation-equivariant)."""
@@ -123,13 +125,7 @@ def test_dask_input_reads_only_the_region():
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    torch.manual_seed(0)
-    m = StainDiffuser(preset("tiny", image_size=16))
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(std=0.05)
-    return m.eval()
+    return untrained_model(image_size=16).eval()
 
 
 def test_real_model_independent_of_batch_size(tiny_model):

@@ -8,6 +8,8 @@ import torch
 from napari_staindiffuser.config import ModelConfig, TrainConfig, preset
 from napari_staindiffuser.model import Branch, StainDiffuser, count_parameters
 
+from conftest import untrained_model
+
 
 @pytest.mark.parametrize(
     "overrides",
@@ -80,11 +82,7 @@ def test_gradient_reaches_only_encoder_and_own_branch():
 
 def test_attention_modulates_with_he_features():
     """The H&E image changes the branch output (conditioning actually reaches the UNet)."""
-    torch.manual_seed(0)
-    model = StainDiffuser(preset("tiny", image_size=32))
-    for p in model.parameters():  # undo zero init so outputs are not identically zero
-        if p.abs().sum() == 0:
-            torch.nn.init.normal_(p, std=0.05)
+    model = untrained_model()
     x = torch.randn(1, 3, 32, 32)
     t = torch.tensor([100])
     a = model(torch.zeros(1, 3, 32, 32), x, t)
