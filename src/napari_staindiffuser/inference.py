@@ -250,6 +250,60 @@ def _alloc(shape: tuple[int, ...], memmap_bytes: int, tmpdir: list) -> np.ndarra
     return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
 
 
+def plan_grid(
+    region_hw: tuple[int, int],
+    *,
+    model_tile: int,
+    multiple_of: int,
+    model_mpp: float,
+    image_mpp: float | None,
+    tile: int | None = None,
+    overlap: int | None = None,
+) -> tuple[TileGrid, float]:
+    """The tile grid :func:`iter_stain` uses for a region of ``region_hw`` input pixels.
+
+    Returns the grid (in model pixels) and the scale (input px per model px; 1 when
+    ``image_mpp`` is None, i.e. the image is assumed to be at the model's pixel size).
+    """
+    if image_mpp is not None and not (math.isfinite(image_mpp) and image_mpp > 0):
+        raise ValueError(f"image_mpp must be a positive number of µm/px; got {image_mpp!r}")
+    scale = 1.0 if image_mpp is None else model_mpp / image_mpp
+    tile = tile or model_tile
+    overlap = tile // 4 // 2 * 2 if overlap is None else overlap
+    rh, rw = region_hw
+    wh, ww = max(1, round(rh / scale)), max(1, round(rw / scale))
+    return TileGrid.create(wh, ww, tile, overlap, multiple_of=multiple_of), scale
+
+
+def time_batch(
+    model,
+    *,
+    batch: int,
+    stains: Sequence[str] | None = None,
+    sampler: str = "dpmsolver++",
+    aux: bool = True,
+) -> float:
+    """Seconds one sampler step takes for a batch of ``batch`` tiles on the model's device
+    (one warm-up call, then one timed call), for estimating the length of a run:
+    ``ceil(tiles / batch) * steps * samples * time_batch(...)``."""
+    tm = model if hasattr(model, "run") else DiffusionTileModel(model, sampler=sampler, aux=aux)
+    old_steps = getattr(tm, "steps", None)
+    if old_steps is not None:
+        tm.steps = 1
+    stains = list(stains) if stains is not None else list(tm.stains)
+    rgb = np.full((batch, tm.tile, tm.tile, 3), 200, np.uint8)
+    try:
+        for _ in tm.run(rgb[:1], [0], stains):  # warm-up (allocator, lazy init)
+            pass
+        t0 = time.perf_counter()
+        for _ in tm.run(rgb, list(range(batch)), stains):
+            pass
+        return time.perf_counter() - t0
+    finally:
+        if old_steps is not None:
+            tm.steps = old_steps
+
+
 def iter_stain(
     image,
     model,
@@ -317,13 +371,16 @@ def iter_stain(
     if unknown or not stains:
         raise ValueError(f"unknown stains {unknown}: the model makes {list(model.stains)}")
     mpp_assumed = image_mpp is None
-    if image_mpp is not None and not (math.isfinite(image_mpp) and image_mpp > 0):
-        raise ValueError(f"image_mpp must be a positive number of µm/px; got {image_mpp!r}")
-    scale = 1.0 if mpp_assumed else model.mpp / image_mpp  # input px per model px
-    tile = tile or model.tile
-    overlap = tile // 4 // 2 * 2 if overlap is None else overlap
-    wh, ww = max(1, round(rh / scale)), max(1, round(rw / scale))
-    grid = TileGrid.create(wh, ww, tile, overlap, multiple_of=model.multiple_of)
+    grid, scale = plan_grid(
+        (rh, rw),
+        model_tile=model.tile,
+        multiple_of=model.multiple_of,
+        model_mpp=model.mpp,
+        image_mpp=image_mpp,
+        tile=tile,
+        overlap=overlap,
+    )
+    tile, overlap, wh, ww = grid.tile, grid.overlap, grid.height, grid.width
     sy, sx = rh / wh, rw / ww  # exact input px per working px along each axis
     out_mpp = image_mpp or model.mpp
 

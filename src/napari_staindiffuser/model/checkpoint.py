@@ -32,11 +32,20 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .. import __version__
+from ..checkpoint_meta import (
+    FORMAT,
+    FORMAT_VERSION,
+    bundled_model_path,
+    model_hash,
+    read_config,
+    read_metadata,
+)
 from ..config import ModelConfig
 from .staindiffuser import StainDiffuser
 
-FORMAT = "napari-staindiffuser.checkpoint"
-FORMAT_VERSION = 1
+__all__ = ["FORMAT", "FORMAT_VERSION", "read_config", "read_metadata"]
+__all__ += ["bundled_model_path", "export_checkpoint", "load_checkpoint", "model_hash"]
+__all__ += ["Checkpoint", "TrainingState", "save_checkpoint"]
 
 
 @dataclass
@@ -149,50 +158,6 @@ def save_checkpoint(
     return path
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata of a checkpoint, validated, without reading any tensor.
-
-    Raises ``ValueError`` naming the problem for a missing, truncated, non-safetensors (e.g. a
-    pickle) or foreign file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(
-            f"{path} is not a readable safetensors checkpoint (truncated, corrupt, or another "
-            f"format such as a pickle, which is never loaded): {exc}"
-        ) from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(
-            f"{path} is a safetensors file but not a napari-staindiffuser checkpoint "
-            f"(metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r})"
-        )
-    version = int(meta.get("format_version", "0"))
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"{path} uses checkpoint format {version}; this napari-staindiffuser "
-            f"({__version__}) reads up to {FORMAT_VERSION}: upgrade the plugin"
-        )
-    for key in ("config", "provenance"):
-        if key not in meta:
-            raise ValueError(f"{path} is missing the {key!r} metadata; the file is damaged")
-    return meta
-
-
-def read_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
-    """Model config and provenance of a checkpoint, cheaply (for model lists and summaries)."""
-    meta = read_metadata(path)
-    try:
-        config = ModelConfig.from_json(meta["config"])
-    except (ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} has an invalid model config: {exc}") from None
-    return config, json.loads(meta["provenance"])
-
-
 def _load_into(module: StainDiffuser, state: dict[str, torch.Tensor], path: Path, what: str):
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -294,32 +259,6 @@ def load_checkpoint(
         training=training,
         metadata=meta,
     )
-
-
-BUNDLED_MODEL = "staindiffuser-demo.safetensors"
-
-
-def bundled_model_path() -> Path:
-    """Path of the demo model shipped in the package (``napari_staindiffuser/data``)."""
-    from importlib import resources
-
-    path = Path(str(resources.files("napari_staindiffuser.data").joinpath(BUNDLED_MODEL)))
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"the bundled model is missing from the installation ({path}); pass a checkpoint"
-        )
-    return path
-
-
-def model_hash(path: str | os.PathLike) -> str:
-    """SHA-256 of a checkpoint file (for provenance), first 16 hex digits."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
