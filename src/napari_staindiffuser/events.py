@@ -95,10 +95,16 @@ class TrainStep(Event):
 
 @dataclass(frozen=True)
 class Validation(Event):
-    """Validation losses (EMA weights, fixed noise and timesteps) at ``step``."""
+    """Validation losses (EMA weights, fixed noise and timesteps) at ``step``.
+
+    ``previews`` maps each stain to the EMA model's virtual stain, (H, W, 3) uint8, of the
+    H&E crop given to ``iter_train(preview_he=...)`` (same noise seed every time); empty
+    without one.
+    """
 
     step: int
     losses: dict[str, float]
+    previews: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,9 @@ def iter_train(
     device: str | torch.device = "auto",
     control: TrainControl | None = None,
     provenance: dict[str, Any] | None = None,
+    preview_he: np.ndarray | None = None,
+    preview_mpp: float | None = None,
+    preview_steps: int = 10,
 ) -> Iterator[Event]:
     """Train (or fine-tune, or resume) a StainDiffuser, yielding events.
 
@@ -212,7 +215,9 @@ def iter_train(
 
     Yields
     ------
-    TrainStep after every step; Validation every ``val_every`` steps (if ``val_source``);
+    TrainStep after every step; Validation every ``val_every`` steps (if ``val_source``),
+    with previews of ``preview_he`` ((H, W, 3) uint8 H&E at ``preview_mpp`` µm/px, default the
+    model's) sampled by the EMA weights in ``preview_steps`` DPM-Solver++ steps;
     CheckpointSaved every ``checkpoint_every`` steps, on stop and at the end (if ``out``);
     Finished last.
     """
@@ -319,7 +324,21 @@ def iter_train(
                 sums.setdefault("total", []).append(float(total))
                 for k, v in parts.items():
                     sums.setdefault(k, []).append(float(v))
-        return Validation(step=step, losses={k: float(np.mean(v)) for k, v in sums.items()})
+        previews = {}
+        if preview_he is not None:
+            from .inference import stain_region
+
+            res = stain_region(
+                preview_he,
+                eval_model,
+                steps=preview_steps,
+                seed=tc.seed,
+                device=str(dev),
+                image_mpp=preview_mpp,
+            )
+            previews = res.images
+        losses = {k: float(np.mean(v)) for k, v in sums.items()}
+        return Validation(step=step, losses=losses, previews=previews)
 
     step = start_step
     stopped = False

@@ -266,3 +266,38 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     ckpt = load_checkpoint(src, weights="ema")
     prov = {**ckpt.provenance, "exported_from": Path(src).name, "weights": ckpt.weights}
     return save_checkpoint(dst, ckpt.model, ema_state=ckpt.model.state_dict(), provenance=prov)
+
+
+def derive_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    add_stains: tuple[str, ...] | list[str] = (),
+    **config_changes: Any,
+) -> Path:
+    """Write to ``dst`` the EMA weights of ``src`` under a changed config: a starting point
+    for fine-tuning (see :func:`~napari_staindiffuser.model.staindiffuser.with_config`).
+
+    ``add_stains`` appends stains (new branches copied from the first stain's), with loss
+    weights 1; ``config_changes`` are :class:`ModelConfig` fields (``lambda_gen``,
+    ``aux_target``, ``image_size``, ...). ``ValueError`` when the change cannot be carried.
+    """
+    from .staindiffuser import with_config
+
+    ckpt = load_checkpoint(src, weights="ema")
+    cfg = ckpt.config
+    known = {s.lower() for s in cfg.stains}
+    new = [s for s in dict.fromkeys(add_stains) if s.lower() not in known]
+    if new:
+        n = len(new)
+        cfg = cfg.replace(
+            stains=cfg.stains + tuple(new),
+            lambda_gen=cfg.lambda_gen + (1.0,) * n,
+            lambda_aux=cfg.lambda_aux + (1.0,) * n,
+        )
+    cfg = cfg.replace(**config_changes) if config_changes else cfg
+    model = with_config(ckpt.model, cfg)
+    prov = {**ckpt.provenance, "derived_from": Path(src).name}
+    if new:
+        prov["added_stains"] = new
+    return save_checkpoint(dst, model, ema_state=model.state_dict(), provenance=prov)

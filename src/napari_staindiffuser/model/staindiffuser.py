@@ -146,3 +146,52 @@ class StainDiffuser(nn.Module):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def with_config(model: StainDiffuser, config: ModelConfig, *, copy_from: str | None = None):
+    """A new StainDiffuser with ``config``, holding ``model``'s weights.
+
+    ``config`` may change loss weights, the auxiliary target, the patch size or dropout (the
+    weights keep their shapes), and may add stains to a multitask model: each new stain's
+    generation and auxiliary branches start as copies of the branches of ``copy_from`` (default
+    the model's first stain), a warm start that fine-tuning then specialises.
+
+    Raises
+    ------
+    ValueError
+        The architecture differs (widths, depth, variant), a stain is removed, or stains are
+        added to the bi-directional variant (its task embedding cannot grow).
+    """
+    old = model.config
+    new_stains = [s for s in config.stains if s not in old.stains]
+    if [s for s in config.stains if s in old.stains] != list(old.stains):
+        raise ValueError(
+            f"the new config must keep the model's stains {list(old.stains)} in order; got "
+            f"{list(config.stains)}"
+        )
+    if new_stains and old.variant is not Variant.MULTITASK:
+        raise ValueError(
+            f"this {old.variant.value} model cannot grow new stains ({new_stains}): only "
+            "multitask models can; train a multitask model from scratch instead"
+        )
+    out = StainDiffuser(config)
+    state = model.state_dict()
+    src = stain_key(copy_from or old.stains[0])
+    for s in new_stains:
+        key = stain_key(s)
+        for kind in ("gen", "aux"):
+            prefix = f"{kind}.{src}."
+            copies = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            state.update({f"{kind}.{key}.{k}": v.clone() for k, v in copies.items()})
+    expected = out.state_dict()
+    if old.has_aux and not config.has_aux:
+        state = {k: v for k, v in state.items() if not k.startswith("aux.")}
+    missing = sorted(set(expected) - set(state))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or wrong:
+        raise ValueError(
+            "the new config changes the architecture, which fine-tuning cannot carry over "
+            f"(missing {missing[:3]}, wrong shape {wrong[:3]}); keep widths, depth and variant"
+        )
+    out.load_state_dict({k: state[k] for k in expected}, strict=True)
+    return out
