@@ -263,3 +263,17 @@ def notify_error(exc: BaseException, action: str) -> str:
     msg = error_message(exc, action)
     show_error(msg)
     return msg
+
+
+def format_seconds(seconds: float | None) -> str:
+    """A duration for people: "42 s", "3 min 05 s", "2 h 10 min"; "?" when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    m, s = divmod(seconds, 60)
+    if m < 60:
+        return f"{m} min {s:02d} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"

@@ -40,18 +40,14 @@ from napari_staindiffuser.stain import (
     PRESETS,
     DabStats,
     MaskPreset,
-    MaskTile,
     ThresholdRule,
-    coarse_mask,
-    dab_channel,
-    dab_statistics,
-    iter_coarse_masks,
     threshold_value,
 )
 
 from ._common import (
     add_or_replace,
     camera,
+    format_seconds,
     image_levels,
     layer_mpp,
     level_box,
@@ -60,6 +56,7 @@ from ._common import (
     placed_like,
     visible_box,
 )
+from ._mask_worker import compute_job, preview_job, stats_job, threshold_for
 
 __all__ = ["CoarseMaskWidget"]
 
@@ -73,76 +70,6 @@ MAX_COMPUTE_PIXELS = 256_000_000
 TILE = 512
 #: debounce of the live preview (ms)
 DEBOUNCE_MS = 150
-
-
-# --------------------------------------------------------------------------- jobs (threads)
-
-
-def _as_numpy(a: Any) -> np.ndarray:
-    return np.asarray(a.compute() if hasattr(a, "compute") else a)
-
-
-def _threshold(stats: DabStats | None, preset: MaskPreset) -> float:
-    """DAB threshold of ``preset``; ``stats`` may be None for the fixed rule."""
-    if preset.rule is ThresholdRule.FIXED:
-        return float(preset.fixed_threshold)  # type: ignore[arg-type]
-    if stats is None:
-        raise ValueError("whole-slide DAB statistics are not available yet")
-    return threshold_value(stats, preset)
-
-
-def _stats_job(level: Any) -> DabStats:
-    """Whole-slide DAB statistics of one (reduced) level."""
-    return dab_statistics(level)
-
-
-def _preview_job(region: Any, preset: MaskPreset, threshold: float):
-    """Coarse mask of a region; yields once after reading it, so a newer request can abort."""
-    rgb = _as_numpy(region)
-    yield None
-    return coarse_mask(rgb, preset, threshold=threshold).astype(np.uint8)
-
-
-def _compute_job(
-    level: Any,
-    stats_source: Any,
-    stats: DabStats | None,
-    preset: MaskPreset,
-    tile: int,
-    halo: int,
-):
-    """Whole-level mask and DAB channel, tile by tile.
-
-    Yields ``DabStats`` (when they had to be computed here) and ``Progress``; returns a dict with
-    ``mask`` (uint8 0/1), ``dab`` (float32), ``threshold``, ``stats``, ``positive`` (fraction) and
-    ``contrast_limits`` for the DAB layer.
-    """
-    if stats is None and preset.rule is not ThresholdRule.FIXED:
-        yield Progress(0, 1, stage="statistics")
-        stats = dab_statistics(stats_source)
-        yield stats
-    t = _threshold(stats, preset)
-    h, w = level.shape[:2]
-    mask = np.zeros((h, w), np.uint8)
-    dab = np.zeros((h, w), np.float32)
-    for ev in iter_coarse_masks(level, preset, threshold=t, tile=tile, halo=halo):
-        if isinstance(ev, MaskTile):
-            th, tw = ev.mask.shape
-            mask[ev.y : ev.y + th, ev.x : ev.x + tw] = ev.mask
-            core = _as_numpy(level[ev.y : ev.y + th, ev.x : ev.x + tw])
-            dab[ev.y : ev.y + th, ev.x : ev.x + tw] = dab_channel(core)
-        else:
-            yield ev
-    s = max(1, math.ceil(math.sqrt(h * w / 1_000_000)))
-    hi = float(np.percentile(dab[::s, ::s], 99.5)) if dab.size else 0.0
-    return {
-        "mask": mask,
-        "dab": dab,
-        "threshold": t,
-        "stats": stats,
-        "positive": float(mask.mean()) if mask.size else 0.0,
-        "contrast_limits": (0.0, max(hi, 2.0 * t, 1e-3)),
-    }
 
 
 # --------------------------------------------------------------------------- helpers
@@ -166,13 +93,6 @@ def _rule_text(preset: MaskPreset) -> str:
     if preset.rule is ThresholdRule.OTSU:
         return "Otsu of whole-slide DAB"
     return "fixed"
-
-
-def _eta_text(eta_s: float | None) -> str:
-    if eta_s is None:
-        return "ETA …"
-    s = round(eta_s)
-    return f"ETA {s // 60} min {s % 60} s" if s >= 60 else f"ETA {s} s"
 
 
 def _guarded(action: str) -> Any:
@@ -355,7 +275,7 @@ class CoarseMaskWidget(Container):
             return None
 
         worker = _make_worker(
-            _compute_job,
+            compute_job,
             arr,
             stats_source,
             stats,
@@ -465,7 +385,7 @@ class CoarseMaskWidget(Container):
             return
         src = stats_level(SimpleNamespace(levels=image_levels(layer)))
         ref = weakref.ref(layer)
-        worker = _make_worker(_stats_job, src, errored=lambda exc: self._on_stats_error(key, exc))
+        worker = _make_worker(stats_job, src, errored=lambda exc: self._on_stats_error(key, exc))
         worker.returned.connect(lambda st: self._on_stats(ref, key, st))
         worker.finished.connect(lambda: self._stats_pending.discard(key))
         self._stats_pending.add(key)
@@ -506,7 +426,7 @@ class CoarseMaskWidget(Container):
             )
             return
         try:
-            t = _threshold(stats, preset)
+            t = threshold_for(stats, preset)
         except ValueError:
             self._threshold_label.value = "no threshold: no tissue in the statistics"
             return
@@ -633,7 +553,7 @@ class CoarseMaskWidget(Container):
             s = max(1, math.ceil(math.sqrt(h * w / PREVIEW_MAX_PIXELS)))
             mpp, _ = self._level_mpp(layer, level)
             preset = self.preset(mpp * s)
-            t = _threshold(stats, preset)
+            t = threshold_for(stats, preset)
             region = levels[level][y : y + h : s, x : x + w : s]
             placement = placed_like(layer, level, box)
             placement["scale"] = tuple(float(v) * s for v in placement["scale"])
@@ -648,7 +568,7 @@ class CoarseMaskWidget(Container):
         name = f"mask preview ({layer.name})"
         meta = {"stain": preset.name, "threshold": t, "level": level, "stride": s, "mpp": mpp * s}
         worker = _make_worker(
-            _preview_job, region, preset, t, errored=lambda exc: self._on_preview_error(gen, exc)
+            preview_job, region, preset, t, errored=lambda exc: self._on_preview_error(gen, exc)
         )
         worker.returned.connect(lambda m: self._on_preview(gen, name, m, meta, placement))
         self.preview_worker = worker
@@ -687,7 +607,8 @@ class CoarseMaskWidget(Container):
         from napari.utils import progress
 
         desc = (
-            f"coarse {ctx['preset'].name} mask: {ev.done}/{ev.total} tiles, {_eta_text(ev.eta_s)}"
+            f"coarse {ctx['preset'].name} mask: {ev.done}/{ev.total} tiles, "
+            f"ETA {format_seconds(ev.eta_s)}"
         )
         self._progress.max = max(ev.total, 1)
         self._progress.value = ev.done

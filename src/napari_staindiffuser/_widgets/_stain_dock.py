@@ -9,7 +9,6 @@ blended result then replaces them. The workers never see a layer.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from ._common import (
     OUTPUT_KEY,
     add_or_replace,
     choose_level,
+    format_seconds,
     image_levels,
     layer_mpp,
     level_box,
@@ -407,9 +407,9 @@ class StainWidget(Container):
         est, total = info["estimate_s"], sum(info["tiles"])
         if est > self.confirm_above_s and not self.confirm(
             f"Staining {total} tiles ({len(job.boxes)} region(s)) will take about "
-            f"{_fmt_s(est)} on {info['device']}. Go ahead?"
+            f"{format_seconds(est)} on {info['device']}. Go ahead?"
         ):
-            self._set_running(False, f"not started (estimated {_fmt_s(est)})")
+            self._set_running(False, f"not started (estimated {format_seconds(est)})")
             return
         self._ctx = {**ctx, "job": job, "total": total, "done_before": 0, "region_total": 0}
         self._ctx["stained"] = [f >= MIN_TISSUE_FRACTION for f in info["tissue"]]
@@ -422,7 +422,7 @@ class StainWidget(Container):
         self._pbar = progress(total=total, desc="virtual staining")
         self._progress.max = max(total, 1)
         self._progress.value = 0
-        self._status.value = f"0 / {total} tiles · estimated {_fmt_s(est)}"
+        self._status.value = f"0 / {total} tiles · estimated {format_seconds(est)}"
         self._create_layers()
         worker = create_worker(
             stain_job,
@@ -471,7 +471,7 @@ class StainWidget(Container):
             self._on_tile(ev)
         elif isinstance(ev, Progress):
             done = self._ctx["done_before"] + ev.done
-            eta = f" · ETA {_fmt_s(ev.eta_s)}" if ev.eta_s is not None else ""
+            eta = f" · ETA {format_seconds(ev.eta_s)}" if ev.eta_s is not None else ""
             self._status.value = f"{done} / {self._ctx['total']} tiles{eta}"
         elif isinstance(ev, RegionStart):
             self._start_region(ev)
@@ -551,7 +551,7 @@ class StainWidget(Container):
         pbar = self._pbar
         if pbar is not None:
             pbar.n = done
-            eta = f" (ETA {_fmt_s(ev.eta_s)})" if ev.eta_s is not None else ""
+            eta = f" (ETA {format_seconds(ev.eta_s)})" if ev.eta_s is not None else ""
             pbar.set_description(f"virtual staining{eta}")  # also redraws the bar
         now = time.perf_counter()
         if now - self._last_refresh > 0.25 or ev.done == ev.total:  # at most 4 redraws a second
@@ -643,16 +643,3 @@ class StainWidget(Container):
         if self._progress.value >= self._progress.max:
             status = f"done: {self._progress.value} tiles"
         self._set_running(False, status)
-
-
-def _fmt_s(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    m, s = divmod(seconds, 60)
-    if m < 60:
-        return f"{m} min {s:02d} s"
-    h, m = divmod(m, 60)
-    return f"{h} h {m:02d} min"

@@ -24,7 +24,14 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from ._common import add_or_replace, image_levels, layer_mpp, notify_error, placed_like
+from ._common import (
+    add_or_replace,
+    format_seconds,
+    image_levels,
+    layer_mpp,
+    notify_error,
+    placed_like,
+)
 from ._train_worker import SCRATCH_PREFIX, DataReady, TrainJob, check_registration, train_job
 
 __all__ = ["TrainWidget"]
@@ -451,12 +458,11 @@ class TrainWidget(Container):
                 self.plot.add(k, ev.step, v)
             self._progress.max = ev.total_steps
             self._progress.value = ev.step
-            from ._stain_dock import _fmt_s
-
             dev = self._device_name()
             self._status.value = (
                 f"step {ev.step} / {ev.total_steps} · {ev.it_per_s:.2f} it/s · "
-                f"ETA {_fmt_s(ev.eta_s)} · {dev} · loss {ev.losses.get('total', np.nan):.4f}"
+                f"ETA {format_seconds(ev.eta_s)} · {dev} · "
+                f"loss {ev.losses.get('total', np.nan):.4f}"
             )
         elif isinstance(ev, Validation):
             for k, v in ev.losses.items():
