@@ -160,7 +160,20 @@ def test_export_strips_training_state(tmp_path):
 def test_demo_runs_and_reports(tmp_path, tiny_ckpt):
     out = tmp_path / "demo"
     assert (
-        main(["demo", "--model", str(tiny_ckpt), "--size", "64", "--steps", "2", "--out", str(out)])
+        main(
+            [
+                "demo",
+                "--model",
+                str(tiny_ckpt),
+                "--size",
+                "64",
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+                "--no-gui",  # pytest-xvfb sets DISPLAY: without this napari would open and wait
+            ]
+        )
         == 0
     )
     report = json.loads((out / "demo_report.json").read_text())
@@ -169,6 +182,122 @@ def test_demo_runs_and_reports(tmp_path, tiny_ckpt):
     assert all(np.isfinite(r["PSNR"]) for r in report["synthetic"]["metrics"])
     assert (out / "svs" / "CMU-1-Small-Region_preview.png").exists()
     assert main(["demo", "--size", "4096", "--out", str(out)]) == 2
+
+
+def _headless_linux(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+
+
+def test_display_detection(monkeypatch):
+    import sys
+
+    from napari_staindiffuser import demo
+
+    _headless_linux(monkeypatch)
+    assert not demo.has_display()
+    assert "no display" in demo.gui_unavailable()
+    monkeypatch.setenv("WAYLAND_DISPLAY", "wayland-0")
+    assert demo.has_display()
+    monkeypatch.delenv("WAYLAND_DISPLAY")
+    monkeypatch.setenv("DISPLAY", ":99")
+    assert demo.has_display()
+    assert demo.gui_unavailable() is None  # PyQt6 comes with the [testing] extra
+    monkeypatch.setattr(demo, "QT_BINDINGS", ("NoSuchQtBinding",))
+    assert demo.qt_binding() is None
+    assert "napari-staindiffuser[qt]" in demo.gui_unavailable()
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.delenv("DISPLAY")
+    assert demo.has_display()
+
+
+def test_demo_gui_flag_without_a_display_exits_2(monkeypatch, capsys, tmp_path):
+    from napari_staindiffuser import demo
+
+    _headless_linux(monkeypatch)
+
+    def not_run(*_a, **_k):
+        raise AssertionError("--gui without a display must fail before the demo runs")
+
+    monkeypatch.setattr(demo, "run_demo", not_run)
+    assert main(["demo", "--gui", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "staindiffuser demo: error: --gui: no display" in err
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(SystemExit):  # the two flags exclude each other
+        main(["demo", "--gui", "--no-gui"])
+
+
+def test_demo_without_a_display_says_how_to_get_the_gui(monkeypatch, capsys, tmp_path):
+    from napari_staindiffuser import demo
+
+    _headless_linux(monkeypatch)
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, **kw: calls.append(out) or {})
+    monkeypatch.setattr(demo, "open_gui", lambda report: calls.append("gui"))
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert calls == [tmp_path]
+    assert capsys.readouterr().out.startswith("napari: no display")
+    monkeypatch.setenv("DISPLAY", ":99")
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert calls[-1] == "gui" and "opening the results in napari" in capsys.readouterr().out
+    calls.clear()
+    assert main(["demo", "--no-gui", "--out", str(tmp_path)]) == 0
+    assert calls == [tmp_path] and capsys.readouterr().out == ""
+
+
+def test_launch_demo_opens_samples_docks_and_results(monkeypatch, qtbot, tmp_path):
+    import napari
+
+    from napari_staindiffuser._widgets._app import launch_demo
+    from napari_staindiffuser.io import write_ome_tiff
+
+    monkeypatch.setattr(napari, "run", lambda *a, **k: None)
+    # the demo's files, as run_demo writes them (tiny stand-ins)
+    rgb = np.full((48, 64, 3), 128, np.uint8)
+    prov = {"region_level0_xywh": [900, 1300, 64, 48], "level": 0, "layer_type": "image"}
+    virtual = write_ome_tiff(tmp_path / "v.ome.tif", rgb, mpp=0.499, metadata=prov)
+    mask = write_ome_tiff(
+        tmp_path / "m.ome.tif",
+        np.ones((48, 64), np.uint8),
+        mpp=0.499,
+        metadata={**prov, "layer_type": "labels"},
+    )
+    report = {"svs": {"files": {"CD3": {"virtual": str(virtual), "mask": str(mask)}}}}
+    viewer = launch_demo(report)
+    try:
+        names = [layer.name for layer in viewer.layers]
+        for name in (
+            "SYNTHETIC H&E",
+            "SYNTHETIC CD3 IHC",
+            "SYNTHETIC CK8/18 IHC",
+            "SYNTHETIC CD3 truth",
+            "SYNTHETIC CK8/18 truth",
+            "CMU-1-Small-Region",
+        ):
+            assert name in names
+        assert set(viewer.window.dock_widgets) >= {
+            "Virtual staining (napari-staindiffuser)",
+            "Coarse masks (napari-staindiffuser)",
+            "Training (napari-staindiffuser)",
+        }, list(viewer.window.dock_widgets)
+        cmu = viewer.layers["CMU-1-Small-Region"]
+        assert cmu.translate[1] > viewer.layers["SYNTHETIC H&E"].extent.world[1][1]
+        v = viewer.layers["demo virtual CD3 (CMU-1-Small-Region)"]
+        m = viewer.layers["demo mask CD3 (CMU-1-Small-Region)"]
+        assert v.rgb and v.visible and isinstance(m, napari.layers.Labels) and not m.visible
+        corner = np.asarray(cmu.translate) + np.array([1300, 900]) * 0.499  # region's (y, x)
+        for layer in (v, m):  # over the stained region of CMU-1
+            np.testing.assert_allclose(layer.translate, corner, rtol=1e-3)
+        masks = viewer.window.dock_widgets["Coarse masks (napari-staindiffuser)"]
+        assert masks._ihc.value is viewer.layers["SYNTHETIC CD3 IHC"] and not masks._live.value
+        # let the mask dock's whole-slide statistics finish before the viewer goes
+        qtbot.waitUntil(lambda: not masks._stats_pending, timeout=60_000)
+    finally:
+        viewer.close()
 
 
 def test_level_region_stays_inside_the_level():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import blob_pairs, untrained_model
 
 from napari_staindiffuser.config import AuxTarget, TrainConfig, Variant
 from napari_staindiffuser.model.checkpoint import (
@@ -14,6 +13,8 @@ from napari_staindiffuser.model.checkpoint import (
     save_checkpoint,
 )
 from napari_staindiffuser.model.staindiffuser import with_config
+
+from conftest import blob_pairs, untrained_model
 
 
 def test_a_new_stain_starts_as_a_copy_of_the_first(tmp_path):

@@ -51,6 +51,7 @@ def dock(make_napari_viewer, tiny_ckpt, he_image, monkeypatch):
     widget._steps.value = 2
     widget._batch.value = 1
     widget._region.value = REGION_WHOLE
+    widget.confirm = lambda question: True  # never a modal dialog in tests
     widget.errors = errors
     return viewer, widget
 
@@ -187,27 +188,26 @@ def test_errors_become_notifications(qtbot, dock, tmp_path):
     assert not widget.set_model(bad)
     assert "not a readable safetensors" in widget.errors[-1]
     # no tissue: an all-white H&E
-    white = viewer.add_image(np.full((64, 64, 3), 245, np.uint8), name="glass", rgb=True)
-    widget._he.value = white
+    white = np.full((64, 64, 3), 245, np.uint8)
+    glass = viewer.add_image(white, name="glass", rgb=True, scale=(MPP, MPP), units="um")
+    widget._he.value = glass
     widget.run()
     qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
     assert "no tissue" in widget.errors[-1]
-    # not RGB and no H&E
-    viewer.layers.remove("glass")
-    viewer.layers.remove("H&E")
+    # no H&E chosen
+    widget._he.value = None
     assert widget.run() is None
     assert "no H&E layer" in widget.errors[-1]
     # a device that is not there
-    viewer.add_image(np.full((64, 64, 3), 128, np.uint8), name="H&E 2", rgb=True)
-    widget._he.value = viewer.layers["H&E 2"]
-    widget._device.value = "cuda"
     import torch
 
+    widget._he.value = viewer.layers["H&E"]
+    widget._device.value = "cuda"
     if not torch.cuda.is_available():
         widget.run()
         qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
         assert "CUDA" in widget.errors[-1]
-    assert [layer.name for layer in viewer.layers] == ["H&E 2"]  # nothing lost
+    assert [layer.name for layer in viewer.layers] == ["H&E", "glass"]  # nothing lost or added
 
 
 def test_model_list_follows_new_checkpoints(dock, tiny_ckpt, tmp_path):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import untrained_model
 
 from napari_staindiffuser._widgets import _stain_dock, _train_dock
+
+from conftest import untrained_model
 
 MPP = 1.0
 TIMEOUT = 120_000

@@ -145,9 +145,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import gui_unavailable, open_gui, run_demo
 
-    run_demo(
+    why_not = None if args.gui is False else gui_unavailable()
+    if args.gui and why_not:  # --gui: refuse before the minute of staining, not after it
+        raise ValueError(f"--gui: {why_not}")
+    report = run_demo(
         Path(args.out),
         model=args.model,
         train_steps=args.train_steps,
@@ -156,6 +159,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
+    if args.gui is False:
+        return 0
+    if why_not:
+        print(f"napari: {why_not}")
+        return 0
+    print("opening the results in napari (close its window to finish; --no-gui skips this)")
+    open_gui(report)
     return 0
 
 
@@ -215,7 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512, help="region side in px")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_demo)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--gui",
+        action="store_true",
+        help="open the results in napari afterwards; exit 2 at once if there is no display or "
+        "no Qt binding (default: open napari when possible)",
+    )
+    g.add_argument(
+        "--no-gui", dest="gui", action="store_false", help="never open napari (headless)"
+    )
+    p.set_defaults(func=cmd_demo, gui=None)
 
     from .commands import add_commands
 

@@ -8,13 +8,20 @@ With the bundled model (``data/staindiffuser-demo.safetensors``, trained on SYNT
 2. stain a region of the real CMU-1-Small-Region.svs (H&E, public domain);
 3. write OME-TIFFs, PNG previews and a JSON report, and print where everything went.
 
+Then the command line opens the results in napari (:func:`open_gui`) when it can: a display
+(:func:`has_display`) and a Qt binding (:func:`qt_binding`). This module imports napari only
+inside :func:`open_gui`, so the headless demo never loads napari or Qt.
+
 ``--train-steps N`` first trains a tiny model from scratch on synthetic pairs (the engine end to
 end: data -> training -> checkpoint -> tiled sampling) and uses it instead of the bundled one.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +33,50 @@ from .events import CheckpointSaved, TrainStep
 DEMO_SLIDE_SEED = 20_261_128  # slide seed of the demo's synthetic slide (not a training slide)
 DEMO_SLIDE_MPP = 0.5
 DEMO_REGION_YX = (128, 128)  # holds glands (CK8/18) and T cells (CD3): 3-6 % of each
+QT_BINDINGS = ("PyQt6", "PyQt5", "PySide6", "PySide2")
+GUI_INSTALL_HINT = 'pip install "napari-staindiffuser[qt]"'
+
+
+def has_display() -> bool:
+    """Whether a window can be shown: always on macOS and Windows; elsewhere (Linux, BSD) when
+    ``DISPLAY`` (X11) or ``WAYLAND_DISPLAY`` is set."""
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def qt_binding() -> str | None:
+    """The first installed Qt binding napari can use (found, not imported), or None."""
+    for name in QT_BINDINGS:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return name
+        except (ImportError, ValueError):
+            continue
+    return None
+
+
+def gui_unavailable() -> str | None:
+    """Why the demo cannot open napari (one line that says how to get the GUI), or None."""
+    if qt_binding() is None:
+        return (
+            f"no Qt binding is installed, so napari cannot open: {GUI_INSTALL_HINT} to see "
+            "the results in napari"
+        )
+    if not has_display():
+        return (
+            "no display (neither DISPLAY nor WAYLAND_DISPLAY is set), so napari cannot open: "
+            "run `staindiffuser demo` in a desktop session to see the results in napari"
+        )
+    return None
+
+
+def open_gui(report: dict | None) -> None:
+    """Open napari with both samples, both docks and the demo's results; returns when the
+    window is closed."""
+    from ._widgets._app import launch_demo
+
+    launch_demo(report)
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:

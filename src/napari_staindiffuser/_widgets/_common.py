@@ -211,6 +211,15 @@ def shape_boxes(shapes: Any, layer: Any) -> list[Box]:
 # --------------------------------------------------------------------------- layers
 
 
+def is_layer(layer: Any, kind: str) -> bool:
+    """Whether ``layer`` is a napari layer of ``kind`` ("image", "labels", "shapes")."""
+    from napari import layers
+
+    return isinstance(
+        layer, {"image": layers.Image, "labels": layers.Labels, "shapes": layers.Shapes}[kind]
+    )
+
+
 def add_or_replace(viewer: Any, data: Any, kind: str, name: str, **kwargs: Any) -> Any:
     """Add a layer, or update in place the layer of that name made by an earlier run.
 
@@ -221,7 +230,7 @@ def add_or_replace(viewer: Any, data: Any, kind: str, name: str, **kwargs: Any) 
     meta[OUTPUT_KEY] = True
     if name in viewer.layers:
         old = viewer.layers[name]
-        if old.metadata.get(OUTPUT_KEY) and old._type_string == kind and old.ndim == 2:
+        if old.metadata.get(OUTPUT_KEY) and is_layer(old, kind) and old.ndim == 2:
             old.data = data
             for key in ("scale", "translate", "affine", "units"):
                 if key in kwargs:

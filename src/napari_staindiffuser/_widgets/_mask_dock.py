@@ -49,6 +49,7 @@ from ._common import (
     camera,
     format_seconds,
     image_levels,
+    is_layer,
     layer_mpp,
     level_box,
     level_downsample,
@@ -114,7 +115,7 @@ def _guarded(action: str) -> Any:
 
 
 def _is_rgb_image(layer: Any) -> bool:
-    return type(layer).__name__ == "Image" and bool(getattr(layer, "rgb", False))
+    return is_layer(layer, "image") and bool(getattr(layer, "rgb", False))
 
 
 class CoarseMaskWidget(Container):

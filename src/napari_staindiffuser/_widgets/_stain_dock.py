@@ -32,6 +32,7 @@ from ._common import (
     choose_level,
     format_seconds,
     image_levels,
+    is_layer,
     layer_mpp,
     level_box,
     level_downsample,
@@ -123,7 +124,9 @@ class StainWidget(Container):
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(value=0, min=0, max=1, label="Progress")
         self._status = Label(value="")
-        self._table = Table(value={"data": [], "columns": list(COUNT_COLUMNS)}, label="Counts")
+        self._table = Table(
+            value={"data": [], "index": [], "columns": list(COUNT_COLUMNS)}, label="Counts"
+        )
         self._copy = PushButton(text="Copy counts")
 
         tips = {
@@ -167,6 +170,8 @@ class StainWidget(Container):
             ]
         )
         self._shapes.visible = False
+        for label in (self._summary, self._status):
+            label.native.setWordWrap(True)
         self._region.changed.connect(self._on_region_mode)
         self._model.changed.connect(self._on_model)
         self._he.changed.connect(lambda _: self._level.reset_choices())
@@ -187,13 +192,13 @@ class StainWidget(Container):
         return [
             (layer.name, layer)
             for layer in self.viewer.layers
-            if layer._type_string == "image"
+            if is_layer(layer, "image")
             and getattr(layer, "rgb", False)
             and not layer.metadata.get(OUTPUT_KEY)  # not our own virtual stains
         ]
 
     def _shape_choices(self, _w=None) -> list:
-        return [(s.name, s) for s in self.viewer.layers if s._type_string == "shapes"]
+        return [(s.name, s) for s in self.viewer.layers if is_layer(s, "shapes")]
 
     def _level_choices(self, _w=None) -> list:
         layer = getattr(self, "_he", None) and self._he.value
@@ -287,7 +292,8 @@ class StainWidget(Container):
         self._summary.value = (
             f"{', '.join(cfg.stains)} · {cfg.mpp:g} µm/px · {cfg.image_size} px tiles\n"
             f"{cfg.variant.value}, aux {cfg.aux_target.value}, "
-            f"{cfg.schedule.prediction_type.value}-prediction, trained {trained} steps"
+            f"{cfg.schedule.prediction_type.value.removesuffix('_prediction')}-prediction, "
+            f"trained {trained} steps"
         )
         self._summary.tooltip = str(prov.get("data", ""))
         self._level.reset_choices()
@@ -419,6 +425,7 @@ class StainWidget(Container):
 
             show_warning(f"no tissue in region(s) {', '.join(skipped)}: skipped")
         self._rows = [r for r in self._rows if r.get("_layer") != ctx["layer"].name]
+        self._show_counts()  # drop this layer's rows of the previous run from the table too
         self._pbar = progress(total=total, desc="virtual staining")
         self._progress.max = max(total, 1)
         self._progress.value = 0
@@ -546,6 +553,8 @@ class StainWidget(Container):
             self._ctx["dirty"].update((img, lab))
         self.tiles_seen += 1
         done = self._ctx["done_before"] + ev.done
+        eta = f" · ETA {format_seconds(ev.eta_s)}" if ev.eta_s is not None else ""
+        self._status.value = f"{done} / {self._ctx['total']} tiles{eta}"
         self._ctx["region_total"] = ev.total
         self._progress.value = done
         pbar = self._pbar
@@ -596,7 +605,11 @@ class StainWidget(Container):
 
     def _show_counts(self) -> None:
         data = [[r[c] if r[c] is not None else "n/a" for c in COUNT_COLUMNS] for r in self._rows]
-        self._table.value = {"data": data, "columns": list(COUNT_COLUMNS)}
+        self._table.value = {
+            "data": data,
+            "index": list(range(len(data))),
+            "columns": list(COUNT_COLUMNS),
+        }
 
     def counts_tsv(self) -> str:
         """The counts table as tab-separated text (what "Copy counts" puts on the clipboard)."""
@@ -622,6 +635,7 @@ class StainWidget(Container):
         from napari.utils.notifications import show_info
 
         kept = self._mark_partial("cancelled")
+        self._status.value = f"cancelled: {kept} of {self._ctx.get('total', '?')} tiles kept"
         show_info(f"Virtual staining cancelled: {kept} finished tiles kept in the layers.")
 
     def _mark_partial(self, status: str) -> int:

@@ -28,6 +28,7 @@ from ._common import (
     add_or_replace,
     format_seconds,
     image_levels,
+    is_layer,
     layer_mpp,
     notify_error,
     placed_like,
@@ -123,6 +124,8 @@ class TrainWidget(Container):
             ]
         )  # fmt: skip
         self.native.layout().addWidget(self.plot)
+        for label in (self._reg_label, self._status):
+            label.native.setWordWrap(True)  # long messages wrap instead of widening the dock
         self._new_stain.visible = False
         self._stain.changed.connect(lambda v: setattr(self._new_stain, "visible", v == NEW_STAIN))
         self._start_from.changed.connect(self._on_start_changed)
@@ -142,14 +145,14 @@ class TrainWidget(Container):
         return [
             (la.name, la)
             for la in self.viewer.layers
-            if la._type_string == "image" and getattr(la, "rgb", False)
+            if is_layer(la, "image") and getattr(la, "rgb", False)
         ]
 
     def _shape_choices(self, _w=None) -> list:
-        return [(s.name, s) for s in self.viewer.layers if s._type_string == "shapes"]
+        return [(s.name, s) for s in self.viewer.layers if is_layer(s, "shapes")]
 
     def _mask_choices(self, _w=None) -> list:
-        labels = [(la.name, la) for la in self.viewer.layers if la._type_string == "labels"]
+        labels = [(la.name, la) for la in self.viewer.layers if is_layer(la, "labels")]
         return [(MASK_AUTO, None), *labels]
 
     def _start_choices(self, _w=None) -> list:
