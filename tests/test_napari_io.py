@@ -128,6 +128,9 @@ def test_sample_data_is_lazy_and_labelled(make_napari_viewer, monkeypatch):
         return region, np.zeros((h, w), np.uint8)
 
     monkeypatch.setattr(synthetic.SyntheticSlide, "_render", fake_render)
+    from napari.utils import resize_dask_cache
+
+    resize_dask_cache().cache.clear()  # chunks an earlier test drew would not be rendered again
     with no_compute():
         layer_data = synthetic_paired_slide()
     assert rendered == []
