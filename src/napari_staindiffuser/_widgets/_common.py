@@ -220,6 +220,18 @@ def is_layer(layer: Any, kind: str) -> bool:
     )
 
 
+def layer_choices(viewer: Any, kind: str, *, rgb: bool = False, ours: bool = True) -> list:
+    """``(name, layer)`` of the viewer's layers of ``kind`` (for a ComboBox); ``rgb``: RGB
+    images only; ``ours=False`` leaves out the layers our docks made."""
+    return [
+        (layer.name, layer)
+        for layer in viewer.layers
+        if is_layer(layer, kind)
+        and (not rgb or getattr(layer, "rgb", False))
+        and (ours or not layer.metadata.get(OUTPUT_KEY))
+    ]
+
+
 def add_or_replace(viewer: Any, data: Any, kind: str, name: str, **kwargs: Any) -> Any:
     """Add a layer, or update in place the layer of that name made by an earlier run.
 

@@ -50,6 +50,7 @@ from ._common import (
     format_seconds,
     image_levels,
     is_layer,
+    layer_choices,
     layer_mpp,
     level_box,
     level_downsample,
@@ -310,7 +311,7 @@ class CoarseMaskWidget(Container):
     # ----------------------------------------------------------------- layers and levels
 
     def _layer_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
-        return [(ly.name, ly) for ly in self.viewer.layers if _is_rgb_image(ly)]
+        return layer_choices(self.viewer, "image", rgb=True)
 
     def _layer(self) -> Any:
         layer = self._ihc.value

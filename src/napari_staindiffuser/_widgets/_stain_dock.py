@@ -27,12 +27,11 @@ from magicgui.widgets import (
 from psygnal import Signal
 
 from ._common import (
-    OUTPUT_KEY,
     add_or_replace,
     choose_level,
     format_seconds,
     image_levels,
-    is_layer,
+    layer_choices,
     layer_mpp,
     level_box,
     level_downsample,
@@ -189,16 +188,10 @@ class StainWidget(Container):
     # ----------------------------------------------------------------------- choices
 
     def _he_choices(self, _w=None) -> list:
-        return [
-            (layer.name, layer)
-            for layer in self.viewer.layers
-            if is_layer(layer, "image")
-            and getattr(layer, "rgb", False)
-            and not layer.metadata.get(OUTPUT_KEY)  # not our own virtual stains
-        ]
+        return layer_choices(self.viewer, "image", rgb=True, ours=False)  # not our own stains
 
     def _shape_choices(self, _w=None) -> list:
-        return [(s.name, s) for s in self.viewer.layers if is_layer(s, "shapes")]
+        return layer_choices(self.viewer, "shapes")
 
     def _level_choices(self, _w=None) -> list:
         layer = getattr(self, "_he", None) and self._he.value

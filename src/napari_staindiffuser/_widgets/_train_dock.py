@@ -28,7 +28,7 @@ from ._common import (
     add_or_replace,
     format_seconds,
     image_levels,
-    is_layer,
+    layer_choices,
     layer_mpp,
     notify_error,
     placed_like,
@@ -142,18 +142,13 @@ class TrainWidget(Container):
     # ----------------------------------------------------------------------- choices
 
     def _rgb_choices(self, _w=None) -> list:
-        return [
-            (la.name, la)
-            for la in self.viewer.layers
-            if is_layer(la, "image") and getattr(la, "rgb", False)
-        ]
+        return layer_choices(self.viewer, "image", rgb=True)
 
     def _shape_choices(self, _w=None) -> list:
-        return [(s.name, s) for s in self.viewer.layers if is_layer(s, "shapes")]
+        return layer_choices(self.viewer, "shapes")
 
     def _mask_choices(self, _w=None) -> list:
-        labels = [(la.name, la) for la in self.viewer.layers if is_layer(la, "labels")]
-        return [(MASK_AUTO, None), *labels]
+        return [(MASK_AUTO, None), *layer_choices(self.viewer, "labels")]
 
     def _start_choices(self, _w=None) -> list:
         from napari_staindiffuser.checkpoint_meta import bundled_model_path
