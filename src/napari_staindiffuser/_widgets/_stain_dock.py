@@ -480,8 +480,8 @@ class StainWidget(Container):
 
     def _create_layers(self) -> None:
         """Every output layer of the run, empty (transparent), before the worker starts: adding
-        a layer is napari's slowest step, so it is done one layer per event-loop turn rather
-        than in the middle of the run."""
+        a layer is napari's slowest step, so it is done here, letting the event loop run
+        between stains, rather than in the middle of the run."""
         from qtpy.QtWidgets import QApplication
 
         job, layer, level = self._ctx["job"], self._ctx["layer"], self._ctx["level"]
