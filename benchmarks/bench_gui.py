@@ -246,6 +246,18 @@ def attribute(phase: Phase, sampler: StallSampler | None, ms: float, top: int = 
                 STALL_NOTES.append(f"      {k} sample(s): {stack}")
 
 
+def slot_table() -> str:
+    """Calls, total, mean and max duration of every timed call, most total time first."""
+    by: dict[str, list[float]] = {}
+    for n, a, b in SLOTS:
+        by.setdefault(n, []).append(b - a)
+    rows = [
+        [n, len(d), sum(d), 1000 * sum(d) / len(d), 1000 * max(d)]
+        for n, d in sorted(by.items(), key=lambda kv: -sum(kv[1]))
+    ]
+    return table(["call", "calls", "total s", "mean ms", "max ms"], rows)
+
+
 def table(cols: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
@@ -770,6 +782,8 @@ def run_part(args) -> None:
 
     from napari_staindiffuser._widgets import _mask_dock, _stain_dock
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     for name in ("_on_prepared", "_create_layers", "_on_event", "_on_tile", "_start_region"):
         _wrap(_stain_dock.StainWidget, name)
     for name in ("_finish_region", "_on_finished", "_on_aborted", "_mark_partial", "run"):
@@ -791,6 +805,12 @@ def run_part(args) -> None:
     _wrap(Layer, "refresh", "napari Layer.refresh")
     for name in ("update", "set_description"):  # napari's progress bar processes Qt events
         _wrap(progress, name, f"napari progress.{name}")
+    from magicgui.backends._qtpy import widgets as mgui_qt
+    from napari._qt.widgets.qt_progress_bar import QtLabeledProgressBar
+
+    _wrap(mgui_qt.ProgressBar, "_mgui_set_value", "magicgui ProgressBar.value =")
+    for name in ("setValue", "setDescription"):  # each calls QApplication.processEvents()
+        _wrap(QtLabeledProgressBar, name, f"napari QtLabeledProgressBar.{name}")
 
     def record(exc: BaseException, action: str) -> None:
         ERRORS.append(f"{action}: {exc}")
@@ -818,6 +838,7 @@ def run_part(args) -> None:
     viewer.open_sample(*SAMPLE)
     settle(hb)
     t_sample = time.perf_counter() - t0
+    SLOTS.clear()  # the sample's own layers are not part of the measure
     mpp0 = float(viewer.layers["SYNTHETIC H&E"].scale[-1])
     try:
         if args.part == "staining":
@@ -840,6 +861,9 @@ def run_part(args) -> None:
         _print_staining(args, stain_rows, cancels, core_row)
     else:
         _print_masks(args, mask_rows)
+    print(f"Main-thread time by timed call ({args.part}; nested calls counted in each):\n")
+    print(slot_table())
+    print()
     if STALL_NOTES:
         print(f"Gaps over {args.stall_ms:.0f} ms ({args.part}): the slots and paints that ran")
         print("inside each (ms inside the gap), and the sampled main-thread stacks:")
@@ -864,6 +888,9 @@ def main() -> None:
     )
     p.add_argument("--timeout", type=float, default=240.0, help="per wait, seconds")
     p.add_argument("--keep-config", action="store_true", help="use the real napari settings")
+    p.add_argument(
+        "--torch-threads", type=int, help="torch.set_num_threads() first (default: torch's own)"
+    )
     p.add_argument(
         "--parts",
         nargs="+",
@@ -923,6 +950,8 @@ def _child_args(args) -> list[str]:
     out += ["--batch", str(args.batch), "--cancels", str(args.cancels)]
     out += ["--mask-levels", *map(str, args.mask_levels), "--stall-ms", str(args.stall_ms)]
     out += ["--timeout", str(args.timeout)]
+    if args.torch_threads:
+        out += ["--torch-threads", str(args.torch_threads)]
     return out + (["--stacks"] if args.stacks else [])
 
 
