@@ -107,7 +107,8 @@ class StallSampler(threading.Thread):
         super().__init__(daemon=True, name="stall-sampler")
         self.hb, self.late_s = hb, late_s
         self.main = threading.main_thread().ident
-        self.samples: list[tuple[float, float, list]] = []  # (last beat, now, raw stack)
+        # (last beat, now, main thread's stack, other threads' stacks)
+        self.samples: list[tuple[float, float, list, list]] = []
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -118,14 +119,24 @@ class StallSampler(threading.Thread):
             last, now = beats[-1], time.perf_counter()
             if now - last < self.late_s:
                 continue
-            frame = sys._current_frames().get(self.main)
-            stack = []
-            while frame is not None:  # innermost first; no source lines read
-                code = frame.f_code
-                stack.append((code.co_filename, frame.f_lineno, code.co_name))
-                frame = frame.f_back
-            self.samples.append((last, now, stack[::-1]))
+            frames = sys._current_frames()
+            me = threading.get_ident()
+            main = _raw_stack(frames.get(self.main))
+            others = [_raw_stack(f) for t, f in frames.items() if t not in (me, self.main)]
+            self.samples.append((last, now, main, others))
 
+
+def _raw_stack(frame: Any) -> list[tuple[str, int, str]]:
+    """(file, line, function) of a frame and its callers, outermost first; no source read."""
+    out = []
+    while frame is not None:
+        out.append((frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
+        frame = frame.f_back
+    return out[::-1]
+
+
+#: innermost functions of an idle thread (waiting on a lock, a queue, a timer)
+IDLE = {"wait", "_wait_for_tstate_lock", "get", "select", "poll", "sleep", "run", "_worker"}
 
 _PKGS = ("napari_staindiffuser", "napari", "vispy", "magicgui", "superqt", "psygnal", "dask")
 _PKGS += ("numpy", "skimage", "scipy", "qtpy", "app_model", "pint", "tqdm")
@@ -239,11 +250,19 @@ def attribute(phase: Phase, sampler: StallSampler | None, ms: float, top: int = 
         slots = ", ".join(f"{n} {1000 * s:.0f} ms" for n, s in spent.most_common(4)) or "none"
         STALL_NOTES.append(f"  {1000 * gap:6.0f} ms at +{start - phase.t0:6.2f} s: {slots}")
         if sampler is not None:
-            stacks = Counter(
-                _interesting(st) for last, _now, st in sampler.samples if start <= last < end
-            )
+            inside = [smp for smp in sampler.samples if start <= smp[0] < end]
+            stacks = Counter(_interesting(smp[2]) for smp in inside)
             for stack, k in stacks.most_common(2):
-                STALL_NOTES.append(f"      {k} sample(s): {stack}")
+                STALL_NOTES.append(f"      main, {k} sample(s): {stack}")
+            # what the other threads were doing (a worker holding the GIL shows up here)
+            busy = Counter(
+                _interesting(st, 3)
+                for smp in inside
+                for st in smp[3]
+                if st and st[-1][2] not in IDLE
+            )
+            for stack, k in busy.most_common(2):
+                STALL_NOTES.append(f"      other thread, {k} sample(s): {stack}")
 
 
 def slot_table() -> str:
