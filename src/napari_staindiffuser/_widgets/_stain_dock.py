@@ -546,21 +546,22 @@ class StainWidget(Container):
             self._ctx["dirty"].update((img, lab))
         self.tiles_seen += 1
         done = self._ctx["done_before"] + ev.done
+        self._ctx["region_total"] = ev.total
+        now = time.perf_counter()
+        if now - self._last_refresh < 0.25 and ev.done < ev.total:
+            return  # at most 4 redraws a second: progress bars repaint (and process events)
+        self._last_refresh = now
         eta = f" · ETA {format_seconds(ev.eta_s)}" if ev.eta_s is not None else ""
         self._status.value = f"{done} / {self._ctx['total']} tiles{eta}"
-        self._ctx["region_total"] = ev.total
         self._progress.value = done
         pbar = self._pbar
         if pbar is not None:
             pbar.n = done
             eta = f" (ETA {format_seconds(ev.eta_s)})" if ev.eta_s is not None else ""
             pbar.set_description(f"virtual staining{eta}")  # also redraws the bar
-        now = time.perf_counter()
-        if now - self._last_refresh > 0.25 or ev.done == ev.total:  # at most 4 redraws a second
-            self._last_refresh = now
-            for layer in self._ctx["dirty"]:
-                layer.refresh()
-            self._ctx["dirty"] = set()
+        for layer in self._ctx["dirty"]:
+            layer.refresh()
+        self._ctx["dirty"] = set()
 
     def _finish_region(self, ev: RegionDone) -> None:
         layer = self._ctx["layer"]
