@@ -95,9 +95,7 @@ class StainWidget(Container):
         self._layers: dict[tuple[int, str], dict[str, Any]] = {}
         self._rows: list[dict[str, Any]] = []
         self._pbar = None
-        self._paint_pending: set = set()
         self._last_refresh = 0.0
-        self._model_paths: dict[str, Path] = {}
         self._config = None
         self._ctx: dict[str, Any] = {}
         self._cancelled = False

@@ -445,7 +445,6 @@ class TrainWidget(Container):
         if isinstance(ev, Progress):
             self._status.value = f"{ev.stage}: {ev.done} / {ev.total}"
         elif isinstance(ev, DataReady):
-            self._data = ev
             self._status.value = (
                 f"{ev.n_train} training / {ev.n_val} validation patches of {ev.patch_px} px"
             )
