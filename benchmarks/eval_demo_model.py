@@ -2,14 +2,15 @@
 
 Held-out patches come from ``synthetic_pairs`` with a master seed never used in training
 (training used seed 0), at the model's patch size and pixel size. For each stain it samples the
-virtual IHC and the auxiliary mask with 20-step DPM-Solver++ and prints a Markdown table:
+virtual IHC and the auxiliary mask with the default sampler (`sampling.resolve_sampling`)
+and prints a Markdown table:
 
 - PSNR and SSIM of the virtual IHC against the true IHC;
 - Dice of the positive-cell mask (auxiliary branch) against the true mask, pooled over pixels;
 - the same for trivial baselines: the H&E itself as the "IHC", the mean training IHC colour, and an
   all-positive mask; and for the untrained network of the same architecture.
 
-    python benchmarks/eval_demo_model.py [--model M] [--n 64] [--steps 20]
+    python benchmarks/eval_demo_model.py [--model M] [--n 64] [--sampler S] [--steps N]
 """
 
 from __future__ import annotations
@@ -24,20 +25,49 @@ from napari_staindiffuser.demo import dice, image_scores
 from napari_staindiffuser.model import StainDiffuser
 from napari_staindiffuser.model.checkpoint import bundled_model_path, load_checkpoint
 from napari_staindiffuser.pairs import resize_patch, synthetic_pairs
-from napari_staindiffuser.sampling import from_uint8_rgb, sample, to_uint8_rgb
+from napari_staindiffuser.sampling import (
+    from_uint8_rgb,
+    resolve_sampling,
+    resolve_spacing,
+    sample,
+    to_uint8_rgb,
+)
 
 HELD_OUT_SEED = 777_000_001
+SYNTHETIC_SIZE = 256  # px of the rendered synthetic patches, downsampled to the model's size
 
 
-def evaluate(model, pairs, stain, steps, seed=0):
-    px = model.config.image_size
+def held_out_pairs(config, stain, n):
+    """``n`` held-out synthetic pairs of ``stain`` at the model's field of view (256 px)."""
+    mpp = config.image_size * config.mpp / SYNTHETIC_SIZE
+    return synthetic_pairs(HELD_OUT_SEED, n, stains=[stain], size=SYNTHETIC_SIZE, mpp=mpp)
+
+
+def resized(pairs, px):
+    """(H&E uint8 (N, px, px, 3), IHC uint8 (N, px, px, 3), mask bool (N, px, px))."""
     he = np.stack([resize_patch(p.he, px, is_mask=False) for p in pairs])
     ihc = np.stack([resize_patch(p.ihc, px, is_mask=False) for p in pairs])
     masks = np.stack([resize_patch(p.mask, px, is_mask=True) for p in pairs])
+    return he, ihc, masks
+
+
+def held_out_patches(config, stain, n):
+    """The held-out patches of ``stain`` at the model's patch size, see :func:`resized`."""
+    return resized(held_out_pairs(config, stain, n), config.image_size)
+
+
+def evaluate(model, pairs, stain, steps=None, seed=0, sampler=None):
+    px = model.config.image_size
+    he, ihc, masks = resized(pairs, px)
     virt, pred = [], []
     for i in range(0, len(pairs), 16):
         r = sample(
-            model, from_uint8_rgb(he[i : i + 16]), stains=[stain], steps=steps, seed=seed + i
+            model,
+            from_uint8_rgb(he[i : i + 16]),
+            stains=[stain],
+            sampler=sampler,
+            steps=steps,
+            seed=seed + i,
         )
         virt.append(to_uint8_rgb(r.images[stain]))
         pred.append(r.aux_mask.get(stain, np.zeros((len(r.images[stain]), px, px), bool)))
@@ -61,26 +91,27 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
     p.add_argument("--n", type=int, default=64, help="held-out patches per stain")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", help="default: the model's (sampling.resolve_sampling)")
+    p.add_argument("--steps", type=int, help="default: the model's")
     p.add_argument("--untrained", action="store_true", help="also score an untrained network")
     args = p.parse_args()
     path = args.model or bundled_model_path()
     ckpt = load_checkpoint(path)
     model = ckpt.model.eval()
     cfg = model.config
-    size = 256
-    mpp = cfg.image_size * cfg.mpp / size
+    sampler, steps = resolve_sampling(model, args.sampler, args.steps)
+    spacing = resolve_spacing(model, sampler, steps)
     print(
         f"model {path} ({ckpt.provenance.get('steps', '?')} training steps), "
         f"{args.n} held-out patches per stain (master seed {HELD_OUT_SEED}), "
-        f"DPM-Solver++ {args.steps} steps, torch {torch.__version__}"
+        f"{sampler} {steps} steps on the {spacing} grid, torch {torch.__version__}"
     )
     print("| stain | method | PSNR (dB) | SSIM | Dice |")
     print("|---|---|---|---|---|")
     t0 = time.perf_counter()
     for stain in cfg.stains:
-        pairs = synthetic_pairs(HELD_OUT_SEED, args.n, stains=[stain], size=size, mpp=mpp)
-        res = evaluate(model, pairs, stain, args.steps)
+        pairs = held_out_pairs(cfg, stain, args.n)
+        res = evaluate(model, pairs, stain, steps, sampler=sampler)
         # mean training-IHC colour baseline
         ihc = res["_ihc"]
         flat = np.broadcast_to(ihc.reshape(-1, 3).mean(0).round().astype(np.uint8), ihc.shape)
@@ -93,7 +124,7 @@ def main():
         if args.untrained:
             torch.manual_seed(0)
             raw = StainDiffuser(cfg).eval()
-            res["untrained network"] = evaluate(raw, pairs, stain, args.steps)["model"]
+            res["untrained network"] = evaluate(raw, pairs, stain, steps, sampler=sampler)["model"]
         for name, row in res.items():
             if name.startswith("_"):
                 continue

@@ -62,7 +62,12 @@ def test_stain_svs_region_writes_aligned_outputs(tmp_path, tiny_ckpt, capsys):
     slide = open_slide(virtual)
     assert slide.shape == (80, 96) and slide.mpp == pytest.approx(0.499, abs=1e-3)
     prov = read_provenance(virtual)
-    assert prov["sampler"] == "dpmsolver++" and prov["steps"] == 2 and prov["seed"] == 0
+    assert (
+        prov["sampler"] == "ddim"
+        and prov["spacing"] == "karras"
+        and prov["steps"] == 2
+        and prov["seed"] == 0
+    )
     assert prov["region"] == [1200, 1000, 80, 96] and len(prov["model_sha256"]) == 16
     assert prov["scale_input_px_per_model_px"] == pytest.approx(1.0 / 0.499, rel=1e-3)
     assert read_provenance(mask)["content"].startswith("CK8/18")

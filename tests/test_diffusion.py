@@ -524,3 +524,26 @@ def test_sampler_validation():
     assert not ddim.stochastic
     ddim.step(x, 0, x)
     assert not DPMSolverPPSampler(sched, 4).clip_sample and DDIMSampler(sched, 4).clip_sample
+
+
+@pytest.mark.parametrize("n", [1, 4, 8, 10, 20, 50])
+def test_karras_grid_is_dense_at_low_noise_and_ends_at_zero(n):
+    from napari_staindiffuser.diffusion import karras_timesteps
+
+    sched = NoiseSchedule.create("linear", 1000)
+    ts = karras_timesteps(sched.alphas_cumprod, n)
+    assert len(ts) == n and ts.dtype == torch.int64
+    assert int(ts[0]) == 999 and (n == 1 or int(ts[-1]) == 0)
+    assert bool((ts[1:] < ts[:-1]).all())
+    if n >= 8:  # Karras: the steps shrink towards t = 0 (dense where detail forms)
+        gaps = (ts[:-1] - ts[1:]).tolist()
+        assert gaps[0] > gaps[-1]
+    # the same grid as diffusers' use_karras_sigmas where it has n distinct steps
+    ref = DPMSolverMultistepScheduler(use_karras_sigmas=True)
+    ref.set_timesteps(n)
+    if len(set(ref.timesteps.tolist())) == n and n > 1:
+        assert (ts - ref.timesteps).abs().max() <= 1
+    # samplers build it from their schedule; make_timesteps refuses it without one
+    assert torch.equal(DDIMSampler(sched, n, spacing="karras").timesteps, ts)
+    with pytest.raises(ValueError, match="karras_timesteps"):
+        make_timesteps("karras", 1000, n)

@@ -125,3 +125,26 @@ def test_uint8_conversions_round_trip():
     np.testing.assert_array_equal(to_uint8_rgb(t.numpy()), rgb)
     with pytest.raises(ValueError, match="uint8 RGB"):
         from_uint8_rgb(rgb.astype(np.float32))
+
+
+def test_default_grid_is_karras_except_on_a_distilled_models_own_setting():
+    from types import SimpleNamespace
+
+    from napari_staindiffuser import sampling
+    from napari_staindiffuser._widgets import _stain_dock
+
+    plain = SimpleNamespace(sampling_defaults=None)
+    assert sampling.resolve_sampling(plain) == ("ddim", 10)
+    assert sampling.resolve_spacing(plain, "ddim", 10) == "karras"
+    assert sampling.resolve_spacing(plain, "ddim", 10, "trailing") == "trailing"
+    assert sampling.resolve_spacing(plain, "ddpm", 1000) == "trailing"  # Karras cannot fit T
+    own = {"sampler": "ddim", "steps": 4, "spacing": "trailing"}
+    student = SimpleNamespace(sampling_defaults=own)
+    assert sampling.resolve_sampling(student) == ("ddim", 4)
+    assert sampling.resolve_spacing(student, "ddim", 4) == "trailing"  # its own grid
+    assert sampling.resolve_spacing(student, "ddim", 8) == "karras"  # not what it learnt
+    # the dock (which cannot import torch) shows the same defaults
+    assert (_stain_dock.DEFAULT_SAMPLER, _stain_dock.DEFAULT_STEPS) == (
+        sampling.DEFAULT_SAMPLER,
+        sampling.DEFAULT_STEPS,
+    )

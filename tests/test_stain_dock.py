@@ -85,7 +85,7 @@ def test_whole_image_layers_are_aligned_named_and_match_the_core(qtbot, dock, he
         assert lab.data.shape == (96, 112) and lab.data.dtype == np.int32
         prov = img.metadata["provenance"]
         assert prov["status"] == "complete"
-        assert prov["sampler"] == "dpmsolver++" and prov["steps"] == 2 and prov["seed"] == 0
+        assert prov["sampler"] == "ddim" and prov["steps"] == 2 and prov["seed"] == 0
         assert prov["region"] == [0, 0, 96, 112] and len(prov["model_sha256"]) == 16
         assert prov["he_layer"] == "H&E" and img.metadata["stain"] == stain
     # streaming: tiles arrive before the region's final result
@@ -94,7 +94,11 @@ def test_whole_image_layers_are_aligned_named_and_match_the_core(qtbot, dock, he
     assert widget.tiles_seen == events.count("TileStained") > 1
     # the dock shows exactly what the core computes for the same settings
     model = load_checkpoint(widget._model.value).model
-    ref = stain_region(he_image, model, steps=2, batch=1, seed=0, image_mpp=MPP)
+    from napari_staindiffuser._widgets._stain_worker import PRECISION
+
+    ref = stain_region(
+        he_image, model, steps=2, batch=1, seed=0, image_mpp=MPP, precision=PRECISION
+    )
     for stain in ("CD3", "CK8/18"):
         got = viewer.layers[f"virtual {stain} (H&E)"].data[..., :3]
         np.testing.assert_array_equal(got, ref.images[stain])
@@ -168,6 +172,11 @@ def test_long_runs_ask_first(qtbot, dock):
     assert len(questions) == 1 and "tiles" in questions[0] and "Go ahead?" in questions[0]
     assert [layer.name for layer in viewer.layers] == ["H&E"]
     assert "not started" in widget._status.value
+    # steps versus time for this region, from the estimate, following the Steps box
+    assert "time for this region on cpu" in widget._timing.value
+    assert "[2 steps:" in widget._timing.value and "50:" in widget._timing.value
+    widget._steps.value = 20
+    assert "[20 steps:" in widget._timing.value
 
 
 def test_uncertainty_layer_with_several_samples(qtbot, dock):

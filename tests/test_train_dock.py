@@ -85,6 +85,18 @@ def test_fine_tuning_end_to_end(qtbot, dock, pair, tiny_ckpt):
     np.testing.assert_allclose(prev.translate, real.translate)
     assert prev.metadata["provenance"]["step"] == 6
     np.testing.assert_array_equal(prev.data, val[-1].previews["CD3"])
+    # with them, the preview's PSNR, SSIM and Dice against the real IHC of the crop
+    import math
+
+    from napari_staindiffuser import metrics
+
+    assert all(set(v.scores) == {"CD3"} for v in val)
+    last = val[-1].scores["CD3"]
+    assert all(math.isfinite(last[k]) for k in ("psnr", "ssim", "dice"))
+    assert last["psnr"] == pytest.approx(metrics.psnr(val[-1].previews["CD3"], real.data))
+    assert 0 <= last["dice"] <= 1
+    shown = widget._val_scores.value
+    assert "step 6" in shown and f"PSNR {last['psnr']:.2f} dB" in shown and "Dice" in shown
     # the new model is in the staining dock's list at once, and it stains differently
     assert out.resolve() in stainer._model.choices
     before = stain_region(pair[0][:64, :64], load_checkpoint(tiny_ckpt).model, steps=2)

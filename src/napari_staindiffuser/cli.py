@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+from .events import JobError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -72,9 +75,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .config import TrainConfig
+    from .ddp import env_rank, launched_by_torchrun
     from .events import CheckpointSaved, Finished, TrainStep, Validation
     from .model.checkpoint import read_config
     from .training import iter_train, resolve_device
+
+    # under torchrun every process runs this; only rank 0 talks (the others print errors only)
+    say = print if env_rank() == 0 else (lambda *a, **k: None)
 
     tc = TrainConfig(
         steps=args.steps,
@@ -92,13 +99,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = model_config = _model_config(args)
     if not args.data and args.synthetic <= 0:
         raise ValueError("give training data: --data FOLDER (with manifest.csv) or --synthetic N")
-    print(f"preparing data ({args.data or f'{args.synthetic} synthetic pairs'}) ...", flush=True)
+    say(f"preparing data ({args.data or f'{args.synthetic} synthetic pairs'}) ...", flush=True)
     patch = args.patch_size
     source = _source(args.data, args.synthetic, args.seed, config, patch)
     val = _source(args.val_data, args.val_synthetic, args.seed + 10_000_019, config, patch)
-    device = resolve_device(args.device)
-    print(f"training on {device}; checkpoint -> {args.out}", flush=True)
-    bar = tqdm(total=args.steps, unit="step", dynamic_ncols=True)
+    if launched_by_torchrun():  # each process picks its own GPU (cuda:LOCAL_RANK) or the CPU
+        device = args.device
+        n = int(os.environ["WORLD_SIZE"])
+        where = f"{n} processes (torch DDP, device {device}), global batch {args.batch}"
+    else:
+        device = resolve_device(args.device)
+        where = str(device)
+    say(f"training on {where}; checkpoint -> {args.out}", flush=True)
+    bar = tqdm(total=args.steps, unit="step", dynamic_ncols=True, disable=env_rank() != 0)
     for ev in iter_train(
         tc,
         source,
@@ -119,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             bar.write(f"step {ev.step}: checkpoint saved to {ev.path}")
         elif isinstance(ev, Finished):
             bar.close()
-            print(f"done after {ev.summary['steps']} steps; model: {args.out}")
+            say(f"done after {ev.summary['steps']} steps; model: {args.out}")
     return 0
 
 
@@ -194,7 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="continue a saved run from this checkpoint")
     p.add_argument("--init", help="start from this checkpoint's weights (fine-tuning)")
     p.add_argument("--steps", type=int, default=1000, help="total optimisation steps")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=16,
+        help="batch size; under torchrun the global batch, split evenly over the processes",
+    )
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -221,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="first train a tiny model from scratch for N steps and use it",
     )
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (DPM-Solver++)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's own, else 10)")
     p.add_argument("--size", type=int, default=512, help="region side in px")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -248,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except (ValueError, OSError, JobError) as exc:  # bad input, unusable files, failed tasks
         print(f"staindiffuser {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # a diverging training run; the last checkpoint is kept

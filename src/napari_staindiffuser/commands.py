@@ -33,7 +33,6 @@ def _bar(total: int, unit: str):
 
 def preview_png(path: Path, panels: list[tuple[str, np.ndarray]], max_side: int = 768) -> Path:
     """Side-by-side PNG of RGB or boolean panels (same size), downsampled to ``max_side``."""
-    from skimage import io as skio
     from skimage.transform import resize
 
     h, w = panels[0][1].shape[:2]
@@ -45,8 +44,29 @@ def preview_png(path: Path, panels: list[tuple[str, np.ndarray]], max_side: int 
             a = np.repeat((a * 255).astype(np.uint8)[..., None], 3, 2)
         a = resize(a, size, order=1, anti_aliasing=f < 1, preserve_range=True).astype(np.uint8)
         tiles.append(np.pad(a, ((0, 0), (0, 6), (0, 0)), constant_values=255))
-    skio.imsave(str(path), np.concatenate(tiles, 1)[:, :-6], check_contrast=False)
+    import imagecodecs
+
+    from .outputs import atomic_open
+
+    with atomic_open(path) as fh:
+        fh.write(imagecodecs.png_encode(np.ascontiguousarray(np.concatenate(tiles, 1)[:, :-6])))
     return path
+
+
+def check_tissue(image, region: tuple[int, int, int, int], what: str) -> float:
+    """The tissue fraction of ``region`` (y, x, h, w) of ``image``; a ValueError when it is
+    under :data:`stain.MIN_TISSUE_FRACTION` (glass only: nothing to ``what``)."""
+    from .stain import MIN_TISSUE_FRACTION, check_region_size, tissue_fraction
+
+    y, x, h, w = region
+    check_region_size(region, what)
+    frac = tissue_fraction(image, region)
+    if frac < MIN_TISSUE_FRACTION:
+        raise ValueError(
+            f"no tissue in the region (y={y}, x={x}, h={h}, w={w}): {frac:.2%} of its pixels, "
+            f"under {MIN_TISSUE_FRACTION:.1%}; nothing to {what}: choose a region over tissue"
+        )
+    return frac
 
 
 def stats_level(slide, max_pixels: int = 16_000_000):
@@ -81,21 +101,33 @@ def run_stain(
     model_path: str | Path | None = None,
     stains=None,
     region=None,
-    sampler: str = "dpmsolver++",
-    steps: int = 20,
+    sampler: str | None = None,
+    steps: int | None = None,
     seed: int = 0,
-    batch: int = 8,
+    batch: int | str = 8,
     samples: int = 1,
     mpp: float | None = None,
     device: str = "auto",
     out: str | Path = "staindiffuser-out",
     log=print,
     image=None,
+    precision: str = "auto",
+    compile: bool = False,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    threads_per_worker: int = 1,
 ) -> dict:
-    """Stain a region of a slide file (or of ``image``, a Slide) and write OME-TIFFs + preview."""
+    """Stain a region of a slide file (or of ``image``, a Slide) and write OME-TIFFs + preview.
+
+    ``precision``, ``compile`` and ``batch="auto"``: see :func:`inference.iter_stain`.
+    ``workers`` (a LocalCluster of that many processes) or ``scheduler`` (an existing dask
+    cluster's address): stain on dask workers, :func:`cluster.iter_stain_distributed`."""
+    from .events import Progress
     from .inference import StainResult, TileStained, iter_stain
-    from .io import open_slide, write_ome_tiff
+    from .io import open_slide
     from .model.checkpoint import bundled_model_path, load_checkpoint, model_hash
+    from .ome_tiff import write_stain_outputs
+    from .outputs import prepare_output_dir, write_text_atomic
     from .training import resolve_device
 
     model_path = Path(model_path) if model_path else bundled_model_path()
@@ -113,38 +145,63 @@ def run_stain(
         level_mpp = slide.level_mpp(level)
     img = slide.levels[level]
     reg = level_region(region, slide.shape, img.shape[:2])
+    out = prepare_output_dir(out)  # a read-only or full disk fails now, not after the staining
+    check_tissue(img, reg, "stain")
     dev = resolve_device(device)
     ckpt.model.to(dev)
+    from .sampling import resolve_sampling
+
+    sampler, steps = resolve_sampling(ckpt.model, sampler, steps)  # None: the model's own
     px = f"{level_mpp:.3g} um/px" if level_mpp else "pixel size assumed"
+    from .runtime import resolve_precision
+
+    prec = resolve_precision(precision, dev)
     log(
         f"staining {reg[3]} x {reg[2]} px of level {level} ({px}) with "
-        f"{model_path.name} on {dev}: {sampler}, {steps} steps, seed {seed}"
+        f"{model_path.name} on {dev}: {sampler}, {steps} steps, seed {seed}, {prec}, "
+        f"batch {batch}"
     )
     bar = None
     result = None
-    for ev in iter_stain(
-        img,
-        ckpt.model,
-        region=reg,
-        stains=stains,
-        sampler=sampler,
-        steps=steps,
-        seed=seed,
-        batch=batch,
-        samples=samples,
-        image_mpp=level_mpp,
-        device=str(dev),
-    ):
+    if workers or scheduler:
+        from .cluster import iter_stain_distributed
+
+        if batch == "auto" or compile:
+            raise ValueError("--batch auto and --compile are for one process, not with a cluster")
+        log(f"on dask workers: {scheduler or f'a local cluster of {workers} processes'}")
+        events = iter_stain_distributed(
+            slide, model_path, reg, scheduler=scheduler, n_workers=workers or 1,
+            threads_per_worker=threads_per_worker, level=level, stains=stains, sampler=sampler,
+            steps=steps, seed=seed, batch=batch, samples=samples, device=device,
+            precision=precision,
+        )  # fmt: skip
+    else:
+        events = iter_stain(
+            img,
+            ckpt.model,
+            region=reg,
+            stains=stains,
+            sampler=sampler,
+            steps=steps,
+            seed=seed,
+            batch=batch,
+            samples=samples,
+            image_mpp=level_mpp,
+            device=str(dev),
+            precision=prec,
+            compile=compile,
+        )
+    for ev in events:
         if isinstance(ev, TileStained):
             if bar is None:
                 bar = _bar(ev.total, "tile")
             bar.update(1)
+        elif isinstance(ev, Progress) and ev.stage.startswith("out of memory"):
+            log(ev.stage)
         elif isinstance(ev, StainResult):
             result = ev
     if bar is not None:
         bar.close()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = Path(slide_path).stem if slide_path else "image"
     prov = {
         **result.provenance,
@@ -154,46 +211,13 @@ def run_stain(
         "level": level,
         "region_level0_xywh": list(region) if region else None,
     }
-    written = {}
+    written = write_stain_outputs(result, out, stem, level_mpp, provenance=prov)
     y, x, h, w = reg
-    he = np.asarray(img[y : y + h, x : x + w])
-    panels = [("H&E", he)]
+    panels = [("H&E", np.asarray(img[y : y + h, x : x + w]))]
     for stain, rgb in result.images.items():
-        tag = stain.replace("/", "")
-        p = write_ome_tiff(
-            out / f"{stem}_virtual-{tag}.ome.tif",
-            rgb,
-            mpp=level_mpp,
-            metadata={**prov, "content": f"virtual {stain} IHC", "layer_type": "image"},
-        )
-        m = write_ome_tiff(
-            out / f"{stem}_mask-{tag}.ome.tif",
-            result.masks[stain],
-            mpp=level_mpp,
-            metadata={
-                **prov,
-                "content": f"{stain} positive cells (model)",
-                "layer_type": "labels",
-            },
-        )
-        written[stain] = {"virtual": str(p), "mask": str(m)}
         panels += [(f"virtual {stain}", rgb), (f"{stain} mask", result.masks[stain])]
-        if stain in result.uncertainty:
-            u = result.uncertainty[stain]
-            written[stain]["uncertainty"] = str(
-                write_ome_tiff(
-                    out / f"{stem}_uncertainty-{tag}.ome.tif",
-                    np.clip(u * 4, 0, 255).astype(np.uint8),
-                    mpp=level_mpp,
-                    metadata={
-                        **prov,
-                        "content": "std across samples x4 (0-255)",
-                        "layer_type": "image",
-                    },
-                )
-            )
     preview = preview_png(out / f"{stem}_preview.png", panels)
-    (out / f"{stem}_provenance.json").write_text(json.dumps(prov, indent=2, default=str))
+    write_text_atomic(out / f"{stem}_provenance.json", json.dumps(prov, indent=2, default=str))
     log(f"preview: {preview}")
     for stain, files in written.items():
         for kind, p in files.items():
@@ -201,9 +225,24 @@ def run_stain(
     return {"files": written, "preview": str(preview), "provenance": prov, "result": result}
 
 
+def _batch_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto'; got {text!r}")
+    return value
+
+
 def cmd_stain(args: argparse.Namespace) -> int:
     stains = [s.strip() for s in args.stains.split(",")] if args.stains else None
     region = _ints(args.region, 4, "--region x,y,w,h") if args.region else None
+    from .runtime import configure_threads
+
+    configure_threads(args.threads)
     run_stain(
         args.slide,
         model_path=args.model,
@@ -217,6 +256,11 @@ def cmd_stain(args: argparse.Namespace) -> int:
         mpp=args.mpp,
         device=args.device,
         out=args.out,
+        precision=args.precision,
+        compile=args.compile,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        threads_per_worker=args.threads or 1,
     )
     return 0
 
@@ -235,8 +279,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_masks(args: argparse.Namespace) -> int:
     from .events import Progress
     from .io import open_slide, write_ome_tiff
+    from .outputs import check_output_file
     from .stain import MaskTile, dab_statistics, get_preset, iter_coarse_masks
 
+    check_output_file(args.out)  # before the slide-wide work, not after it
     slide = open_slide(args.ihc, mpp=args.mpp)
     preset = get_preset(args.stain)
     if args.rule:
@@ -346,20 +392,109 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import iter_distill
+    from .events import CheckpointSaved, Finished, TrainStep, Validation
+    from .model.checkpoint import read_config
+    from .pairs import PairFolder, synthetic_pairs
+
+    config, _ = read_config(args.teacher)
+    if args.data:
+        source = PairFolder(args.data)
+    elif args.synthetic > 0:
+        size = 256
+        mpp = config.image_size * config.mpp / size  # downsampled to the model's µm/px
+        print(f"rendering {args.synthetic} SYNTHETIC pairs ...", flush=True)
+        source = synthetic_pairs(
+            args.seed, args.synthetic, stains=config.stains, size=size, mpp=mpp
+        )
+    else:
+        raise ValueError("give training data: --data FOLDER (with manifest.csv) or --synthetic N")
+    n_stages = len(args.steps_per_stage.split(","))
+    per_stage = _ints(args.steps_per_stage, n_stages, "--steps-per-stage")
+    bar = None
+    for ev in iter_distill(
+        args.teacher,
+        args.out,
+        source,
+        student_steps=args.steps,
+        teacher_steps=args.teacher_steps,
+        steps_per_stage=per_stage[0] if len(per_stage) == 1 else per_stage,
+        batch_size=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        half=args.half,
+        device=args.device,
+    ):
+        if isinstance(ev, TrainStep):
+            bar = bar or _bar(ev.total_steps, "step")
+            bar.n = ev.step
+            n = int(ev.losses["stage_steps"])
+            bar.set_postfix(stage=f"{2 * n}->{n}", loss=f"{ev.losses['total']:.5f}", refresh=False)
+            bar.refresh()
+        elif isinstance(ev, (Validation, CheckpointSaved)):
+            msg = f"step {ev.step}: " + (
+                f"student checkpoint {ev.path}"
+                if isinstance(ev, CheckpointSaved)
+                else "validation " + json.dumps({k: round(v, 5) for k, v in ev.losses.items()})
+            )
+            bar.write(msg) if bar else print(msg)
+        elif isinstance(ev, Finished):
+            if bar:
+                bar.close()
+            print(
+                f"distilled to {args.steps} DDIM steps ({ev.summary['steps']} optimisation "
+                f"steps); model: {args.out} (samples with DDIM {args.steps} by default)"
+            )
+    return 0
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("stain", help="virtual IHC for a slide region (OME-TIFF + PNG preview)")
     p.add_argument("slide", help="H&E slide or image: SVS, (OME-)TIFF, PNG, JPEG")
     p.add_argument("--model", help="checkpoint (.safetensors); default: the bundled model")
     p.add_argument("--stains", help="comma-separated, e.g. CD3,CK8/18 (default: all)")
     p.add_argument("--region", help="x,y,w,h in level-0 pixels (default: whole image)")
-    p.add_argument("--sampler", default="dpmsolver++", choices=["dpmsolver++", "ddim", "ddpm"])
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument(
+        "--sampler",
+        choices=["dpmsolver++", "ddim", "ddpm"],
+        help="default: the model's own (a distilled model's), else ddim (on a Karras grid)",
+    )
+    p.add_argument(
+        "--steps", type=int, help="default: the model's own (a distilled model's), else 10"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=8, help="tiles per network call")
+    p.add_argument(
+        "--batch",
+        type=_batch_arg,
+        default=8,
+        help="tiles per network call, or 'auto' (the largest that fits on a GPU; 8 on a CPU)",
+    )
     p.add_argument("--samples", type=int, default=1, help=">1 adds an uncertainty map")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="network precision; auto: bf16 on GPUs and CPUs with bf16 support, else fp32",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the network (falls back if it fails)"
+    )
+    p.add_argument(
+        "--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else physical cores)"
+    )
     p.add_argument("--mpp", type=float, help="µm/px of level 0 (overrides the file's value)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="staindiffuser-out", help="output folder")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="stain on a local dask cluster of N worker processes (--threads each; default 1)",
+    )
+    p.add_argument(
+        "--scheduler",
+        help="stain on an existing dask cluster: its scheduler address, e.g. tcp://host:8786",
+    )
     p.set_defaults(func=cmd_stain)
 
     p = sub.add_parser("synth", help="write SYNTHETIC paired patches (a training folder)")
@@ -397,7 +532,32 @@ def add_commands(sub) -> None:
     )
     p.set_defaults(func=cmd_patches)
 
+    p = sub.add_parser(
+        "distill", help="progressive distillation: a student that samples in few DDIM steps"
+    )
+    p.add_argument("teacher", help="checkpoint to distil (.safetensors)")
+    p.add_argument("--out", required=True, help="the student checkpoint (.safetensors)")
+    p.add_argument("--steps", type=int, default=4, help="DDIM steps of the final student")
+    p.add_argument(
+        "--teacher-steps", type=int, default=16, help="DDIM steps of the teacher (steps x 2^k)"
+    )
+    p.add_argument(
+        "--steps-per-stage", default="1000", help="optimisation steps per halving (or a,b,...)"
+    )
+    p.add_argument("--data", help="paired-patch folder (manifest.csv)")
+    p.add_argument("--synthetic", type=int, default=0, help="N synthetic pairs instead")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--half", action="store_true", help="store the weights as float16")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_distill)
+
     p = sub.add_parser("export", help="strip training state: an inference-only checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("out")
     p.set_defaults(func=cmd_export)
+
+    from .evaluate import add_parser as add_evaluate
+
+    add_evaluate(sub)  # `staindiffuser evaluate`: the paper's metrics (evaluate.py)

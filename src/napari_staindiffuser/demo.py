@@ -80,20 +80,17 @@ def open_gui(report: dict | None) -> None:
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice coefficient of two boolean masks, pooled over all pixels (1.0 when both are empty)."""
-    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
-    denom = pred.sum() + truth.sum()
-    return 1.0 if denom == 0 else float(2.0 * (pred & truth).sum() / denom)
+    """Dice coefficient of two boolean masks, pooled over all pixels (:func:`metrics.dice`)."""
+    from .metrics import dice as _dice
+
+    return _dice(pred, truth)
 
 
 def image_scores(virtual: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """PSNR (dB) and SSIM of two uint8 RGB images."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    """PSNR (dB) and SSIM of two uint8 RGB images (:func:`metrics.image_scores`)."""
+    from .metrics import image_scores as _scores
 
-    return {
-        "psnr": float(peak_signal_noise_ratio(truth, virtual, data_range=255)),
-        "ssim": float(structural_similarity(truth, virtual, channel_axis=-1, data_range=255)),
-    }
+    return _scores(virtual, truth)
 
 
 def train_tiny(out: Path, steps: int, seed: int = 0, log=print) -> Path:
@@ -122,7 +119,7 @@ def run_demo(
     *,
     model: str | Path | None = None,
     train_steps: int = 0,
-    steps: int = 20,
+    steps: int | None = None,
     size: int = 512,
     seed: int = 0,
     device: str = "auto",
@@ -132,6 +129,7 @@ def run_demo(
     from .commands import preview_png, run_stain
     from .io import Slide, sample_svs_path
     from .model.checkpoint import bundled_model_path
+    from .outputs import write_text_atomic
     from .synthetic import SyntheticSlide
 
     if not 32 <= size <= 1024:
@@ -142,7 +140,12 @@ def run_demo(
     if train_steps > 0:
         model = train_tiny(out, train_steps, seed, log)
     model = Path(model) if model else bundled_model_path()
-    report: dict = {"model": str(model), "sampler": "dpmsolver++", "steps": steps}
+    from .model.checkpoint import load_checkpoint
+    from .sampling import resolve_sampling
+
+    # the model's own sampler and steps (a distilled model's) unless steps are asked for
+    sampler, steps = resolve_sampling(load_checkpoint(model).model, None, steps)
+    report: dict = {"model": str(model), "sampler": sampler, "steps": steps}
 
     # 1. a SYNTHETIC slide with known truth
     syn = SyntheticSlide(DEMO_SLIDE_SEED, shape=(2048, 2048), mpp=DEMO_SLIDE_MPP)
@@ -158,6 +161,7 @@ def run_demo(
         "synthetic-slide",
         model_path=model,
         region=(x, y, size, size),
+        sampler=sampler,
         steps=steps,
         seed=seed,
         device=device,
@@ -197,6 +201,7 @@ def run_demo(
         svs,
         model_path=model,
         region=(900, 1300, size, size),
+        sampler=sampler,
         steps=steps,
         seed=seed,
         device=device,
@@ -205,7 +210,7 @@ def run_demo(
     )
     report["svs"] = {"preview": real["preview"], "files": real["files"]}
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "demo_report.json").write_text(json.dumps(report, indent=2))
+    write_text_atomic(out / "demo_report.json", json.dumps(report, indent=2))
 
     log("")
     log("Virtual vs true IHC on the SYNTHETIC slide (baseline: the H&E itself / all positive):")

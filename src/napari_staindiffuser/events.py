@@ -20,6 +20,11 @@ class Event:
     """Base class of every progress event."""
 
 
+class JobError(RuntimeError):
+    """A long job failed for a reason its message states in full (the CLI prints it as one line
+    and exits 2; the docks show it as a notification), e.g. a task failed on a cluster worker."""
+
+
 @dataclass(frozen=True)
 class Progress(Event):
     """Generic progress of a job made of ``total`` units (tiles, steps, chunks).
@@ -99,12 +104,14 @@ class Validation(Event):
 
     ``previews`` maps each stain to the EMA model's virtual stain, (H, W, 3) uint8, of the
     H&E crop given to ``iter_train(preview_he=...)`` (same noise seed every time); empty
-    without one.
+    without one. ``scores`` maps the stain of the preview's real IHC (when given) to the
+    preview's ``{"psnr": dB, "ssim", "dice"}`` against it (see ``metrics.preview_scores``).
     """
 
     step: int
     losses: dict[str, float]
     previews: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -114,12 +114,26 @@ class DiffusionTileModel:
         self,
         model,
         *,
-        sampler: str = "dpmsolver++",
-        steps: int = 20,
+        sampler: str | None = None,
+        steps: int | None = None,
         aux: bool = True,
         eta: float = 0.0,
         name: str = "",
+        precision: str = "fp32",
+        compile: bool = False,
+        channels_last: bool | None = None,
     ):
+        """``precision``: the network's autocast ("auto", "fp32", "bf16", "fp16";
+        ``runtime.resolve_precision``). ``compile``: ``torch.compile`` the network (falls back to
+        eager with a warning if that fails). ``channels_last``: convert the model's weights to
+        the channels-last memory format (in place; None: on CUDA only)."""
+        import torch
+
+        from .runtime import CompiledModel, resolve_precision
+        from .sampling import resolve_sampling, resolve_spacing
+
+        sampler, steps = resolve_sampling(model, sampler, steps)  # None: the model's own
+        self.spacing = resolve_spacing(model, sampler, steps)
         self.model = model
         cfg = model.config
         self.stains = cfg.stains
@@ -127,6 +141,12 @@ class DiffusionTileModel:
         self.multiple_of = cfg.downsample_factor
         self.mpp = cfg.mpp
         self.sampler, self.steps, self.aux, self.eta, self.name = sampler, steps, aux, eta, name
+        self.device = next(model.parameters()).device
+        self.precision = resolve_precision(precision, self.device)
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self._net = CompiledModel(model) if compile else model
 
     @property
     def has_aux(self) -> bool:
@@ -140,7 +160,7 @@ class DiffusionTileModel:
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         device = next(self.model.parameters()).device
         for ev in iter_sample(
-            self.model,
+            self._net,
             from_uint8_rgb(tiles).to(device),
             stains=stains,
             sampler=self.sampler,
@@ -148,6 +168,8 @@ class DiffusionTileModel:
             generators=gens,
             aux=self.has_aux,
             eta=self.eta,
+            spacing=self.spacing,
+            precision=self.precision,
         ):
             if isinstance(ev, SampleResult):
                 images = {
@@ -172,8 +194,13 @@ class DiffusionTileModel:
             "model": self.name,
             "sampler": str(getattr(self.sampler, "value", self.sampler)),
             "steps": self.steps,
+            "spacing": self.spacing,
             "model_mpp": self.mpp,
             "prediction_type": self.model.config.schedule.prediction_type.value,
+            "precision": self.precision,
+            "compiled": bool(getattr(self._net, "active", False)),
+            "channels_last": self.channels_last,
+            "device": str(self.device),
         }
 
 
@@ -250,6 +277,10 @@ def _alloc(shape: tuple[int, ...], memmap_bytes: int, tmpdir: list) -> np.ndarra
     return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
 
 
+#: regions smaller than this many model pixels a side are refused (a cell is ~8 px at 1 um/px)
+MIN_REGION_MODEL_PX = 16
+
+
 def plan_grid(
     region_hw: tuple[int, int],
     *,
@@ -280,13 +311,18 @@ def time_batch(
     *,
     batch: int,
     stains: Sequence[str] | None = None,
-    sampler: str = "dpmsolver++",
+    sampler: str | None = None,
     aux: bool = True,
+    precision: str = "fp32",
 ) -> float:
     """Seconds one sampler step takes for a batch of ``batch`` tiles on the model's device
     (one warm-up call, then one timed call), for estimating the length of a run:
     ``ceil(tiles / batch) * steps * samples * time_batch(...)``."""
-    tm = model if hasattr(model, "run") else DiffusionTileModel(model, sampler=sampler, aux=aux)
+    tm = (
+        model
+        if hasattr(model, "run")
+        else DiffusionTileModel(model, sampler=sampler, aux=aux, precision=precision)
+    )
     old_steps = getattr(tm, "steps", None)
     if old_steps is not None:
         tm.steps = 1
@@ -304,23 +340,86 @@ def time_batch(
             tm.steps = old_steps
 
 
+#: tiles per network call for ``batch="auto"`` off the GPU (bigger batches gain little on a CPU)
+AUTO_BATCH_CPU = 8
+#: the largest batch ``batch="auto"`` probes on a GPU
+AUTO_BATCH_MAX = 256
+
+
+def auto_batch(model, stains: Sequence[str], total: int, *, probe: bool | None = None) -> int:
+    """Tiles per network call for ``batch="auto"``.
+
+    With ``probe`` (default: when the model is on a CUDA device) one sampler step is run at
+    batch 1, 2, 4, ... up to :data:`AUTO_BATCH_MAX` (or the first power of two >= ``total``):
+    the largest that does not run out of memory is used. Otherwise :data:`AUTO_BATCH_CPU`.
+    """
+    from .runtime import free_accelerator_memory, is_out_of_memory
+
+    if probe is None:
+        probe = getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
+    if not probe:
+        return AUTO_BATCH_CPU
+    cap = min(AUTO_BATCH_MAX, 1 << max(0, math.ceil(math.log2(max(1, total)))))
+    old_steps = getattr(model, "steps", None)
+    if old_steps is not None:
+        model.steps = 1
+    best, b = 0, 1
+    try:
+        while b <= cap:
+            rgb = np.full((b, model.tile, model.tile, 3), 200, np.uint8)
+            try:
+                for _ in model.run(rgb, list(range(b)), list(stains)):
+                    pass
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                free_accelerator_memory()
+                break
+            best, b = b, 2 * b
+    finally:
+        if old_steps is not None:
+            model.steps = old_steps
+    if best == 0:
+        raise MemoryError("out of memory at batch 1: one tile does not fit on the device")
+    return best
+
+
+def _halve_batch(batch: int, exc: Exception) -> int:
+    """The batch to retry with after ``exc``: half of ``batch`` if ``exc`` is an out-of-memory
+    error (else ``exc`` is re-raised); at batch 1 a MemoryError says that one tile does not fit."""
+    from .runtime import free_accelerator_memory, is_out_of_memory
+
+    if not is_out_of_memory(exc):
+        raise exc
+    free_accelerator_memory()
+    if batch <= 1:
+        raise MemoryError(
+            "out of memory at batch 1: one tile does not fit on the device; use a smaller "
+            "tile, precision 'bf16', or the CPU"
+        ) from exc
+    return batch // 2
+
+
 def iter_stain(
     image,
     model,
     *,
     region: tuple[int, int, int, int] | None = None,
     stains: Sequence[str] | None = None,
-    sampler: str = "dpmsolver++",
-    steps: int = 20,
+    sampler: str | None = None,
+    steps: int | None = None,
     seed: int = 0,
     tile: int | None = None,
     overlap: int | None = None,
-    batch: int = 8,
+    batch: int | str = 8,
     device: str = "auto",
     samples: int = 1,
     image_mpp: float | None = None,
     aux: bool = True,
-    memmap_bytes: int = 1 << 30,
+    memmap_bytes: int = 256 << 20,
+    precision: str = "fp32",
+    compile: bool = False,
+    threads: int | None = None,
 ) -> Iterator[Event]:
     """Stain a region of an H&E image tile by tile, yielding progress and every finished tile.
 
@@ -329,7 +428,8 @@ def iter_stain(
     image : numpy or dask array (H, W, 3) uint8
         The H&E (e.g. a level of :func:`io.open_slide`); nothing outside the region is read.
     model : StainDiffuser or TileModel
-        A StainDiffuser is wrapped in :class:`DiffusionTileModel` with ``sampler``/``steps``.
+        A StainDiffuser is wrapped in :class:`DiffusionTileModel` with ``sampler``/``steps``
+        (None: the model's own, see :func:`sampling.resolve_sampling`).
     region : (y, x, h, w), optional
         In input pixels; the whole image by default. Must lie inside the image.
     stains : sequence of str, optional
@@ -339,12 +439,20 @@ def iter_stain(
     tile, overlap : int, optional
         Tile side in model pixels (a multiple of the model's downsampling; default its patch
         size) and overlap (even; default a quarter of the tile).
-    batch : int
-        Tiles per network call.
+    batch : int or "auto"
+        Tiles per network call. On CUDA out-of-memory the batch halves and the same tiles are
+        redone (finished tiles are kept); at batch 1 the error is raised. "auto": the largest
+        power of two that fits on a GPU (probed), :data:`AUTO_BATCH_CPU` elsewhere.
     samples : int
         Samples per tile; > 1 adds a per-pixel uncertainty (spread across samples).
     image_mpp : float, optional
         µm/px of ``image``. None: assume the model's own pixel size (said in the provenance).
+    precision, compile : StainDiffuser only
+        Network precision ("fp32", "auto", "bf16", "fp16") and ``torch.compile``; see
+        :class:`DiffusionTileModel`. The provenance records the precision used.
+    threads : int, optional
+        Set torch's CPU threads (``runtime.configure_threads``) before staining; None leaves
+        them as they are.
 
     Yields
     ------
@@ -353,8 +461,8 @@ def iter_stain(
     from .training import resolve_device
 
     h_img, w_img = _check_image(image)
-    if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an integer >= 1; got {batch!r}")
+    if batch != "auto" and (not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"batch must be an integer >= 1 or 'auto'; got {batch!r}")
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an integer >= 1; got {samples!r}")
     ry, rx, rh, rw = region if region is not None else (0, 0, h_img, w_img)
@@ -363,9 +471,20 @@ def iter_stain(
             f"region (y={ry}, x={rx}, h={rh}, w={rw}) must be non-empty and lie inside the "
             f"image of {h_img} x {w_img} px"
         )
+    if threads is not None:
+        from .runtime import configure_threads
+
+        configure_threads(threads)
     if not hasattr(model, "run"):
         model.to(resolve_device(device))
-        model = DiffusionTileModel(model, sampler=sampler, steps=steps, aux=aux)
+        model = DiffusionTileModel(
+            model, sampler=sampler, steps=steps, aux=aux, precision=precision, compile=compile
+        )
+    elif precision != "fp32" or compile:
+        raise ValueError(
+            "precision and compile apply when model is a StainDiffuser; for a TileModel, set "
+            f"them on it (e.g. DiffusionTileModel(..., precision={precision!r}))"
+        )
     stains = list(stains) if stains is not None else list(model.stains)
     unknown = [s for s in stains if s not in model.stains]
     if unknown or not stains:
@@ -381,8 +500,13 @@ def iter_stain(
         overlap=overlap,
     )
     tile, overlap, wh, ww = grid.tile, grid.overlap, grid.height, grid.width
-    sy, sx = rh / wh, rw / ww  # exact input px per working px along each axis
-    out_mpp = image_mpp or model.mpp
+    if min(wh, ww) < MIN_REGION_MODEL_PX:
+        raise ValueError(
+            f"region of {rh} x {rw} px is {wh} x {ww} px at the model's {model.mpp:g} um/px: too "
+            f"small to stain; expected at least {MIN_REGION_MODEL_PX} px a side "
+            f"({MIN_REGION_MODEL_PX * model.mpp:g} um)"
+        )
+    geo = _Geometry(ry, rx, rh, rw, wh, ww, image_mpp or model.mpp)
 
     n = len(stains)
     chans = n * (3 + 1 + (1 if samples > 1 else 0))
@@ -392,88 +516,44 @@ def iter_stain(
     tiles = grid.tiles
     total = len(tiles)
     done = 0
+    dab_stains: frozenset[str] = frozenset()
     t0 = time.perf_counter()
     try:
-        for b0 in range(0, total, batch):
-            chunk: list[Tile] = tiles[b0 : b0 + batch]
-            rgb = np.stack(
-                [
-                    _read_window(
-                        image, ry + t.y * sy, rx + t.x * sx, t.size * sy, t.size * sx, t.size
-                    )
-                    for t in chunk
-                ]
-            )
-            mean = var = score = None
-            for s in range(samples):
-                seeds = [tile_rng_seed(seed, t, sample=s) for t in chunk]
-                res = None
-                for ev in model.run(rgb, seeds, stains):
-                    if isinstance(ev, TileOutput):
-                        res = ev
+        batch_asked = batch
+        if batch == "auto":
+            batch = auto_batch(model, stains, total)
+        b0 = 0
+        while b0 < total:
+            chunk = tiles[b0 : b0 + batch]
+            finished = None
+            try:
+                for ev in _iter_batch(image, model, chunk, geo, stains, seed, samples):
+                    if isinstance(ev, _BatchDone):
+                        finished = ev
                     else:
                         eta = _eta(t0, done, total)
                         yield Progress(done, total, stage="sampling", eta_s=eta)
-                imgs = np.stack([res.images[st] for st in stains], 1)  # (B, n, S, S, 3)
-                dab_stains = {st for st in stains if st not in res.scores}
-                sc = np.stack(
-                    [
-                        _dab_score(res.images[st]) if st in dab_stains else res.scores[st]
-                        for st in stains
-                    ],
-                    1,
-                )
-                if mean is None:
-                    mean, var, score = imgs, np.zeros_like(imgs), sc
-                else:  # Welford running mean and variance over samples
-                    delta = imgs - mean
-                    mean = mean + delta / (s + 1)
-                    var = var + delta * (imgs - mean)
-                    score = score + (sc - score) / (s + 1)
-            for i, t in enumerate(chunk):
-                parts = [mean[i, k] for k in range(n)] + [
-                    score[i, :, :, :, None][k] for k in range(n)
-                ]
-                if samples > 1:
-                    std = np.sqrt(var[i] / (samples - 1)).mean(-1) * 255.0  # (n, S, S)
-                    parts += [std[k][..., None] for k in range(n)]
-                stitcher.add(t, np.concatenate(parts, -1))
+            except Exception as exc:  # out of memory: halve the batch, redo the same tiles
+                batch = _halve_batch(batch, exc)
+                stage = f"out of memory: batch reduced to {batch}"
+                yield Progress(done, total, stage=stage, eta_s=_eta(t0, done, total))
+                continue
+            b0 += len(chunk)
+            dab_stains = finished.dab_stains
+            for td in finished.tiles:
+                stitcher.add(td.tile, td.values)
                 done += 1
-                box = _box(t, sy, sx, rh, rw)
-                th, tw = box[2], box[3]
-                ch, cw = min(t.size, wh - t.y), min(t.size, ww - t.x)  # the tile inside the grid
-                tile_imgs = {
-                    st: _to_uint8(_resize_to(mean[i, k, :ch, :cw], (th, tw)))
-                    for k, st in enumerate(stains)
-                }
                 yield TileStained(
                     done=done,
                     total=total,
-                    box=box,
-                    images=tile_imgs,
-                    masks={
-                        st: _dab_mask(tile_imgs[st], st, out_mpp)
-                        if st in dab_stains
-                        else _resize_to(
-                            model.decode_mask(st, score[i, k, :ch, :cw]), (th, tw), order=0
-                        )
-                        for k, st in enumerate(stains)
-                    },
+                    box=td.box,
+                    images=td.images,
+                    masks=td.masks,
                     eta_s=_eta(t0, done, total),
                 )
-        full = stitcher.finish()
-        images, masks, scores, unc = {}, {}, {}, {}
-        for k, st in enumerate(stains):  # copies: `full` may be a temporary memmap
-            images[st] = _to_uint8(_resize_to(np.array(full[..., 3 * k : 3 * k + 3]), (rh, rw)))
-            sc = np.array(full[..., 3 * n + k], dtype=np.float32)
-            scores[st] = _resize_to(sc, (rh, rw))
-            if st in dab_stains:
-                masks[st] = _dab_mask(images[st], st, out_mpp)
-            else:
-                masks[st] = _resize_to(model.decode_mask(st, sc), (rh, rw), order=0)
-            if samples > 1:
-                unc[st] = _resize_to(np.array(full[..., 4 * n + k]), (rh, rw))
-        del full
+        images, masks, scores, unc = _assemble(
+            stitcher.finish(), model, stains, dab_stains, geo, samples
+        )
         provenance = {
             **model.describe(),
             "stains": stains,
@@ -486,6 +566,8 @@ def iter_stain(
             "mpp_assumed": mpp_assumed,
             "scale_input_px_per_model_px": scale,
             "tiles": total,
+            "batch": batch,
+            "batch_requested": batch_asked,
             "seconds": round(time.perf_counter() - t0, 3),
         }
         yield StainResult(images, masks, scores, unc, (ry, rx, rh, rw), provenance)
@@ -493,6 +575,127 @@ def iter_stain(
         del out, stitcher
         if tmp:
             tmp[0].cleanup()
+
+
+# Per-batch pieces of iter_stain, shared with cluster.py (whose dask workers run _iter_batch), so
+# that both compute the same numbers for the same tiles and seed.
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """A region of the input (y, x, h, w in input px), its working size (model px) and the
+    output µm/px (the input's, else the model's)."""
+
+    ry: int
+    rx: int
+    rh: int
+    rw: int
+    wh: int
+    ww: int
+    out_mpp: float
+
+    @property
+    def sy(self) -> float:  # exact input px per working px along y
+        return self.rh / self.wh
+
+    @property
+    def sx(self) -> float:
+        return self.rw / self.ww
+
+
+@dataclass(frozen=True)
+class _TileDone:
+    """One tile's stitcher input ``values`` (S, S, C) float32 and its TileStained parts."""
+
+    tile: Tile
+    values: np.ndarray
+    box: tuple[int, int, int, int]
+    images: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class _BatchDone:
+    tiles: list[_TileDone]
+    dab_stains: frozenset[str]  # stains whose score is the DAB density (no auxiliary branch)
+
+
+def _iter_batch(
+    image, model, chunk: list[Tile], geo: _Geometry, stains: list[str], seed: int, samples: int
+) -> Iterator[Event | _BatchDone]:
+    """Read and stain one batch of tiles: the model's progress events, then one _BatchDone."""
+    sy, sx = geo.sy, geo.sx
+    rgb = np.stack(
+        [
+            _read_window(
+                image, geo.ry + t.y * sy, geo.rx + t.x * sx, t.size * sy, t.size * sx, t.size
+            )
+            for t in chunk
+        ]
+    )
+    n = len(stains)
+    mean = var = score = None
+    for s in range(samples):
+        seeds = [tile_rng_seed(seed, t, sample=s) for t in chunk]
+        res = None
+        for ev in model.run(rgb, seeds, stains):
+            if isinstance(ev, TileOutput):
+                res = ev
+            else:
+                yield ev
+        imgs = np.stack([res.images[st] for st in stains], 1)  # (B, n, S, S, 3)
+        dab_stains = frozenset(st for st in stains if st not in res.scores)
+        sc = np.stack(
+            [_dab_score(res.images[st]) if st in dab_stains else res.scores[st] for st in stains],
+            1,
+        )
+        if mean is None:
+            mean, var, score = imgs, np.zeros_like(imgs), sc
+        else:  # Welford running mean and variance over samples
+            delta = imgs - mean
+            mean = mean + delta / (s + 1)
+            var = var + delta * (imgs - mean)
+            score = score + (sc - score) / (s + 1)
+    done = []
+    for i, t in enumerate(chunk):
+        parts = [mean[i, k] for k in range(n)] + [score[i, :, :, :, None][k] for k in range(n)]
+        if samples > 1:
+            std = np.sqrt(var[i] / (samples - 1)).mean(-1) * 255.0  # (n, S, S)
+            parts += [std[k][..., None] for k in range(n)]
+        box = _box(t, sy, sx, geo.rh, geo.rw)
+        th, tw = box[2], box[3]
+        ch, cw = min(t.size, geo.wh - t.y), min(t.size, geo.ww - t.x)  # the tile inside the grid
+        tile_imgs = {
+            st: _to_uint8(_resize_to(mean[i, k, :ch, :cw], (th, tw))) for k, st in enumerate(stains)
+        }
+        masks = {
+            st: _dab_mask(tile_imgs[st], st, geo.out_mpp)
+            if st in dab_stains
+            else _resize_to(model.decode_mask(st, score[i, k, :ch, :cw]), (th, tw), order=0)
+            for k, st in enumerate(stains)
+        }
+        done.append(_TileDone(t, np.concatenate(parts, -1), box, tile_imgs, masks))
+    yield _BatchDone(done, dab_stains)
+
+
+def _assemble(full, model, stains, dab_stains, geo: _Geometry, samples: int):
+    """Stitched working-grid output ``full`` (wh, ww, C) -> (images, masks, scores,
+    uncertainty) dicts on the input's grid (the StainResult fields)."""
+    n, rh, rw = len(stains), geo.rh, geo.rw
+    images, masks, scores, unc = {}, {}, {}, {}
+    same = full.shape[:2] == (rh, rw)
+    for k, st in enumerate(stains):  # copies: `full` may be a temporary memmap
+        rgb = full[..., 3 * k : 3 * k + 3]
+        images[st] = _to_uint8(rgb if same else _resize_to(np.array(rgb), (rh, rw)))
+        sc = np.array(full[..., 3 * n + k], dtype=np.float32)
+        scores[st] = _resize_to(sc, (rh, rw))
+        if st in dab_stains:
+            masks[st] = _dab_mask(images[st], st, geo.out_mpp)
+        else:
+            masks[st] = _resize_to(model.decode_mask(st, sc), (rh, rw), order=0)
+        if samples > 1:
+            unc[st] = _resize_to(np.array(full[..., 4 * n + k]), (rh, rw))
+    return images, masks, scores, unc
 
 
 def _dab_mask(rgb: np.ndarray, stain: str, mpp: float) -> np.ndarray:
@@ -519,8 +722,13 @@ def _box(t: Tile, sy: float, sx: float, rh: int, rw: int) -> tuple[int, int, int
     return y0, x0, max(0, y1 - y0), max(0, x1 - x0)
 
 
-def _to_uint8(a: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(np.asarray(a) * 255.0), 0, 255).astype(np.uint8)
+def _to_uint8(a: np.ndarray, rows: int = 256) -> np.ndarray:
+    """[0, 1] floats (numpy or memmap) -> uint8, ``rows`` at a time so that no full-size float
+    temporary is made."""
+    out = np.empty(a.shape, np.uint8)
+    for i in range(0, a.shape[0], rows):
+        out[i : i + rows] = np.clip(np.rint(np.asarray(a[i : i + rows]) * 255.0), 0, 255)
+    return out
 
 
 def _dab_score(images: np.ndarray) -> np.ndarray:

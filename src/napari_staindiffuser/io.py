@@ -324,8 +324,8 @@ def _open_plain(p: Path) -> tuple[list[da.Array], dict]:
             fmt = p.suffix.lower().lstrip(".") or "unknown"
     except Exception as exc:
         raise ValueError(
-            f"{p}: not a supported image (TIFF/SVS/OME-TIFF, PNG, JPEG): "
-            f"{type(exc).__name__}: {exc}"
+            f"{p}: not a supported image (TIFF/SVS/OME-TIFF, PNG, JPEG), or a damaged one: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
     if fmt == "jpeg" and arr.ndim == 3 and arr.shape[-1] == 4:
         raise ValueError(f"{p}: {_RGB_EXPECTED}; CMYK JPEG is not supported")

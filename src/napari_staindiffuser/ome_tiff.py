@@ -22,6 +22,8 @@ import dask.array as da
 import numpy as np
 import tifffile
 
+from .outputs import check_output_file
+
 PROVENANCE_NAMESPACE = "urn:napari-staindiffuser:provenance"
 _PROVENANCE_JSON_NAMESPACE = PROVENANCE_NAMESPACE + ":json"
 _LABEL_DTYPES = {"uint8", "uint16", "uint32", "int8", "int16", "int32"}
@@ -208,11 +210,8 @@ def write_ome_tiff(
     if not isinstance(prov, dict):
         raise ValueError("metadata must be a dict")
     shapes = _pyramid_shapes(int(src.shape[0]), int(src.shape[1]), tile, levels)
+    out = check_output_file(out)
     parent = out.parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output folder does not exist: {parent}")
-    if out.is_dir():
-        raise IsADirectoryError(f"output path is a directory: {out}")
     tmp = parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         open(tmp, "xb").close()
@@ -324,3 +323,30 @@ def read_provenance(path: str | os.PathLike) -> dict:
         if tag == "MapAnnotation" and ns == PROVENANCE_NAMESPACE:
             fallback = {m.get("K"): m.text or "" for m in value}
     return fallback
+
+
+def write_stain_outputs(
+    result: Any, folder: str | os.PathLike, stem: str, mpp: float | None, provenance=None
+) -> dict[str, dict[str, str]]:
+    """Write a staining result (``inference.StainResult``) as pyramidal OME-TIFFs, each atomic
+    and carrying ``provenance`` (default: the result's): ``<stem>_virtual-<stain>.ome.tif``,
+    ``<stem>_mask-<stain>.ome.tif`` and, with several samples,
+    ``<stem>_uncertainty-<stain>.ome.tif`` (std x 4, uint8). Returns the paths per stain."""
+    folder = Path(folder)
+    prov = {k: v for k, v in (provenance or result.provenance).items() if k != "files"}
+    written: dict[str, dict[str, str]] = {}
+    for stain, rgb in result.images.items():
+        tag = stain.replace("/", "")
+        files = written[stain] = {}
+        outputs = [
+            ("virtual", rgb, f"virtual {stain} IHC", "image"),
+            ("mask", result.masks[stain], f"{stain} positive cells (model)", "labels"),
+        ]
+        if stain in result.uncertainty:
+            u = np.clip(result.uncertainty[stain] * 4, 0, 255).astype(np.uint8)
+            outputs.append(("uncertainty", u, "std across samples x4 (0-255)", "image"))
+        for kind, data, content, layer_type in outputs:
+            meta = {**prov, "content": content, "layer_type": layer_type}
+            path = folder / f"{stem}_{kind}-{tag}.ome.tif"
+            files[kind] = str(write_ome_tiff(path, data, mpp=mpp, metadata=meta))
+    return written

@@ -296,6 +296,34 @@ def tissue_mask(
     return m
 
 
+#: below this tissue fraction a region counts as empty (staining it is refused)
+MIN_TISSUE_FRACTION = 0.005
+#: regions with a side under this many pixels are refused (a cell is ~8 px at 1 µm/px)
+MIN_REGION_PX = 16
+
+
+def check_region_size(box: tuple[int, int, int, int], what: str = "stain") -> None:
+    """A ValueError when ``box`` = (y, x, h, w) has a side under :data:`MIN_REGION_PX`."""
+    h, w = box[2], box[3]
+    if min(h, w) < MIN_REGION_PX:
+        raise ValueError(
+            f"region of {h} x {w} px is too small to {what}: expected at least {MIN_REGION_PX} "
+            "px a side"
+        )
+
+
+def tissue_fraction(image, box: tuple[int, int, int, int], max_pixels: int = 1_000_000) -> float:
+    """Fraction of ``box`` = (y, x, h, w) of ``image`` (numpy, dask or zarr RGB) that is tissue.
+
+    Reads the box with a stride so at most about ``max_pixels`` pixels are looked at.
+    """
+    y, x, h, w = box
+    step = max(1, int(np.sqrt(h * w / max_pixels)))
+    view = image[y : y + h : step, x : x + w : step]
+    view = np.asarray(view.compute() if hasattr(view, "compute") else view)
+    return float(tissue_mask(view).mean()) if view.size else 0.0
+
+
 # --------------------------------------------------------------------------- statistics
 
 

@@ -28,6 +28,7 @@ import torch
 
 from . import __version__
 from .config import ModelConfig, TrainConfig, Variant
+from .ddp import plan as plan_distributed
 from .diffusion import NoiseSchedule
 from .events import CheckpointSaved, Event, Finished, TrainStep, Validation
 from .model import Branch, StainDiffuser
@@ -89,11 +90,26 @@ def _step_seed(seed: int, step: int, stream: int) -> int:
     return int(np.random.default_rng([seed, step, stream]).integers(2**62))
 
 
+def _skip_augment_draws(rng: np.random.Generator, n_samples: int) -> None:
+    """Advance ``rng`` past the augmentation draws ``make_batch`` makes for ``n_samples``.
+
+    ``make_batch`` draws the same values per sample (rotation, flip, 6 jitter values) whatever
+    it does with them, so a data-parallel rank can skip the rows before its own and build only
+    its slice of the global batch, augmented exactly as in the whole batch (checked by
+    tests/test_ddp.py).
+    """
+    for _ in range(n_samples):
+        rng.integers(4)
+        rng.integers(2)
+        rng.uniform(-1.0, 1.0, size=6)
+
+
 def diffusion_losses(
     model: StainDiffuser,
     schedule: NoiseSchedule,
     batch: dict[str, torch.Tensor],
     generator: torch.Generator,
+    rows: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and per-branch mean losses for one batch.
 
@@ -104,6 +120,10 @@ def diffusion_losses(
         ``stain`` (B,) int64 on the model's device.
     generator : torch.Generator (CPU)
         Source of timesteps and noise.
+    rows : (offset, global batch size), optional
+        The batch is rows ``offset:offset + B`` of a larger global batch (a data-parallel
+        shard): timesteps and noise are drawn for the global batch and sliced, so the shards
+        together see exactly the draws of one process with the whole batch.
 
     Returns
     -------
@@ -116,9 +136,11 @@ def diffusion_losses(
     dev = he.device
     T = schedule.num_train_timesteps
 
+    lo, n_all = (0, b) if rows is None else rows
+
     def draw(shape):
-        t = torch.randint(0, T, (shape[0],), generator=generator).to(dev)
-        noise = torch.randn(shape, generator=generator).to(dev)
+        t = torch.randint(0, T, (n_all,), generator=generator)[lo : lo + b].to(dev)
+        noise = torch.randn((n_all, *shape[1:]), generator=generator)[lo : lo + b].to(dev)
         return t, noise
 
     lam_gen = torch.tensor(cfg.lambda_gen, device=dev)[stain]
@@ -206,6 +228,8 @@ def iter_train(
     preview_he: np.ndarray | None = None,
     preview_mpp: float | None = None,
     preview_steps: int = 10,
+    preview_truth: PairSample | None = None,
+    distributed: bool | None = None,
 ) -> Iterator[Event]:
     """Train (or fine-tune, or resume) a StainDiffuser, yielding events.
 
@@ -217,13 +241,23 @@ def iter_train(
     ------
     TrainStep after every step; Validation every ``val_every`` steps (if ``val_source``),
     with previews of ``preview_he`` ((H, W, 3) uint8 H&E at ``preview_mpp`` µm/px, default the
-    model's) sampled by the EMA weights in ``preview_steps`` DPM-Solver++ steps;
+    model's) sampled by the EMA weights in ``preview_steps`` DPM-Solver++ steps, and, when
+    ``preview_truth`` (the real IHC of that crop, its stain and its mask or None) is given, the
+    preview's PSNR, SSIM and Dice against it (``metrics.preview_scores``);
     CheckpointSaved every ``checkpoint_every`` steps, on stop and at the end (if ``out``);
     Finished last.
+
+    Data-parallel (torch DDP, ``ddp.py``) when launched by ``torchrun``, when a process
+    group is initialised, or with ``distributed=True``: ``batch_size`` is then the global batch,
+    each process trains on its slice of it and the result matches one process with the whole
+    batch (the dropout masks aside). Only rank 0 keeps the EMA, validates, writes checkpoints and
+    yields events; the other ranks yield only Finished.
     """
     if sum(x is not None for x in (model_config, init, resume)) != 1:
         raise ValueError("give exactly one of model_config (scratch), init or resume")
-    dev = resolve_device(device)
+    dctx = plan_distributed(device, distributed)  # None: one process
+    dev = resolve_device(device) if dctx is None else dctx.device
+    main = dctx is None or dctx.is_main
     start_step = 0
     training_state = None
     if model_config is not None:
@@ -270,7 +304,7 @@ def iter_train(
             optimizer.load_state_dict(training_state.optimizer_state)
         if training_state.ema_state is not None:
             ema = EMA(model, tc.ema_decay, state=training_state.ema_state)
-    ema.shadow = {k: v.to(dev) for k, v in ema.shadow.items()}
+    ema.shadow = {k: v.to(dev) for k, v in ema.shadow.items()} if main else {}
     autocast = dev.type == "cuda" and tc.bf16
     batch_kw = dict(
         image_size=config.image_size,
@@ -283,6 +317,7 @@ def iter_train(
         "data": getattr(source, "description", type(source).__name__),
         "seed": tc.seed,
         "init": str(init) if init else None,
+        **({"processes": dctx.world_size} if dctx else {}),
         **(provenance or {}),
     }
 
@@ -337,17 +372,40 @@ def iter_train(
                 image_mpp=preview_mpp,
             )
             previews = res.images
+        scores = {}
+        truth = preview_truth
+        if truth is not None and truth.stain in previews:  # PSNR, SSIM, Dice of the preview
+            from .metrics import preview_scores
+
+            virtual, mpp = previews[truth.stain], preview_mpp or config.mpp
+            scores[truth.stain] = preview_scores(virtual, truth.ihc, truth.mask, truth.stain, mpp)
         losses = {k: float(np.mean(v)) for k, v in sums.items()}
-        return Validation(step=step, losses=losses, previews=previews)
+        return Validation(step=step, losses=losses, previews=previews, scores=scores)
 
     step = start_step
     stopped = False
     rate = None
+    net, rows, rank = None, None, 0  # data-parallel: DDP-wrapped loss, shard rows, rank
+    if dctx is not None:
+        lo, n = dctx.shard(tc.batch_size)
+        rows, rank = (lo, tc.batch_size), dctx.rank
+        part_keys = [(f"{b.value}/{s}", i) for b in Branch for i, s in enumerate(config.stains)]
     last = time.perf_counter()
     try:
+        if dctx is not None:
+            dctx.start()
+            # a batch that lacks a stain leaves that stain's branches without gradient; the
+            # schedule stays out of the forward's arguments (DDP would move its tensors)
+            net = dctx.wrap(
+                model, lambda m, *a: diffusion_losses(m, schedule, *a), len(config.stains) > 1
+            )
         while step < tc.steps:
             rng = np.random.default_rng([tc.seed, step])
             idx = rng.integers(len(source), size=tc.batch_size)
+            if rows is not None:  # read and build only this rank's rows of the global batch
+                if tc.augment:
+                    _skip_augment_draws(rng, lo)
+                idx = idx[lo : lo + n]
             batch = make_batch(
                 [source[int(i)] for i in idx],
                 rng=rng,
@@ -356,22 +414,31 @@ def iter_train(
                 **batch_kw,
             )
             gen = torch.Generator().manual_seed(_step_seed(tc.seed, step, 0))
-            torch.manual_seed(_step_seed(tc.seed, step, 1))  # dropout: same draws after resume
+            # dropout: same draws after resume (per rank: the shards must not share masks)
+            torch.manual_seed(_step_seed(tc.seed, step, 1) + rank)
             lr = lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            tensors = _to_tensors(batch, dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-                total, parts = diffusion_losses(model, schedule, _to_tensors(batch, dev), gen)
-            if not torch.isfinite(total):
+                if net is None:
+                    total, parts = diffusion_losses(model, schedule, tensors, gen)
+                else:
+                    total, parts = net(tensors, gen, rows)
+            logged = total
+            if dctx is not None:  # the whole batch's losses, the same on every rank
+                logged, parts = dctx.reduce_losses(total, parts, tensors["stain"], part_keys)
+            if not torch.isfinite(logged):
                 raise FloatingPointError(
-                    f"the loss became {float(total)} at step {step + 1}: lower the learning rate "
+                    f"the loss became {float(logged)} at step {step + 1}: lower the learning rate "
                     f"(now {lr:g})"
                 )
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
-            ema.update(model, step)
+            if main:
+                ema.update(model, step)
             step += 1
 
             now = time.perf_counter()
@@ -379,27 +446,35 @@ def iter_train(
             last = now
             rate = inst if rate is None else 0.9 * rate + 0.1 * inst
             losses = {k: float(v) for k, v in parts.items()}
-            losses["total"] = total.item()
-            yield TrainStep(
-                step=step,
-                total_steps=tc.steps,
-                losses=losses,
-                lr=lr,
-                it_per_s=rate,
-                eta_s=(tc.steps - step) / rate if rate > 0 else math.inf,
-            )
-            if val_source is not None and tc.val_every and step % tc.val_every == 0:
+            losses["total"] = logged.item()
+            if main:
+                yield TrainStep(
+                    step=step,
+                    total_steps=tc.steps,
+                    losses=losses,
+                    lr=lr,
+                    it_per_s=rate,
+                    eta_s=(tc.steps - step) / rate if rate > 0 else math.inf,
+                )
+            if main and val_source is not None and tc.val_every and step % tc.val_every == 0:
                 yield validate(step)
-            if control is not None and control.stop_requested:
+            stop = control is not None and control.stop_requested
+            if dctx is not None:  # a stop asked on any rank stops every rank after this step
+                stop = dctx.any(stop)
+            if stop:
                 stopped = True
                 break
             every = tc.checkpoint_every
-            if out is not None and every and step % every == 0 and step < tc.steps:
+            if main and out is not None and every and step % every == 0 and step < tc.steps:
                 yield save(step, "interval")
-        if out is not None:
+        if main and out is not None:
             yield save(step, "stop" if stopped else "end")
+        if dctx is not None:  # on every rank, the checkpoint is written once this returns
+            dctx.barrier()
         yield Finished(stopped=stopped, summary={"steps": step, "checkpoint": out})
     finally:
+        if dctx is not None:
+            dctx.close()
         if dev.type == "cuda":  # hand GPU memory back as soon as the run ends
             optimizer.state.clear()
             ema.shadow.clear()

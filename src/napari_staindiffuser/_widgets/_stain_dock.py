@@ -40,12 +40,15 @@ from ._common import (
     shape_boxes,
     visible_box,
 )
-from ._stain_worker import MIN_TISSUE_FRACTION, Job, RegionDone, RegionStart, prepare, stain_job
+from ._live import LiveController
+from ._stain_worker import Job, RegionDone, RegionStart, prepare, stain_job
 
 __all__ = ["StainWidget", "model_list", "remember_model"]
 
 REGION_FOV, REGION_SHAPES, REGION_WHOLE = "field of view", "shapes", "whole image"
-SAMPLERS = ("dpmsolver++", "ddim", "ddpm")
+SAMPLERS = ("ddim", "dpmsolver++", "ddpm")
+#: sampling.DEFAULT_SAMPLER and DEFAULT_STEPS (not imported: that module imports torch)
+DEFAULT_SAMPLER, DEFAULT_STEPS = "ddim", 10
 DEVICES = ("auto", "cuda", "mps", "cpu")
 #: largest region (level pixels) held as in-memory layers; larger runs go through the CLI
 MAX_REGION_PX = 256 * 1024 * 1024
@@ -99,6 +102,7 @@ class StainWidget(Container):
         self._config = None
         self._ctx: dict[str, Any] = {}
         self._cancelled = False
+        self._own_sampling = False  # sampler/steps were set from a distilled model
 
         self._he = ComboBox(label="H&E", choices=self._he_choices, nullable=True)
         self._region = ComboBox(
@@ -110,14 +114,17 @@ class StainWidget(Container):
         self._browse = PushButton(text="Open checkpoint…")
         self._summary = Label(value="")
         self._stains = Container(layout="horizontal", labels=False, label="Stains")
-        self._sampler = ComboBox(label="Sampler", choices=list(SAMPLERS), value="dpmsolver++")
-        self._steps = SpinBox(label="Steps", min=1, max=4000, value=20)
+        self._sampler = ComboBox(label="Sampler", choices=list(SAMPLERS), value=DEFAULT_SAMPLER)
+        self._steps = SpinBox(label="Steps", min=1, max=4000, value=DEFAULT_STEPS)
+        self._timing = Label(value="")  # steps versus time, once a run has been estimated
+        self._seconds_per_step: tuple[float, str] | None = None
         self._seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=0)
         self._samples = SpinBox(label="Samples", min=1, max=32, value=1)
         self._batch = SpinBox(label="Batch", min=1, max=256, value=8)
         self._device = ComboBox(label="Device", choices=list(DEVICES), value="auto")
         self._device_used = Label(value="using: (not loaded yet)")
         self._run = PushButton(text="Run")
+        self._live = CheckBox(text="Stain as you pan", value=False)
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(value=0, min=0, max=1, label="Progress")
         self._status = Label(value="")
@@ -154,12 +161,17 @@ class StainWidget(Container):
                 self._stains,
                 self._sampler,
                 self._steps,
+                self._timing,
                 self._seed,
                 self._samples,
                 self._batch,
                 self._device,
                 self._device_used,
-                Container(widgets=[self._run, self._cancel], layout="horizontal", labels=False),
+                Container(
+                    widgets=[self._run, self._cancel, self._live],
+                    layout="horizontal",
+                    labels=False,
+                ),
                 self._progress,
                 self._status,
                 self._table,
@@ -182,6 +194,16 @@ class StainWidget(Container):
         model_list.changed.connect(self._on_models_changed)
         self._on_layers_changed()
         self._on_model(self._model.value)
+        self.live = LiveController(self)  # "Stain as you pan" (_live.py)
+        self._live.tooltip = (
+            "Stain what you see while you pan and zoom: only the tiles in view, in the "
+            "background, nearest the centre first; cached for these settings."
+        )
+        self._live.changed.connect(self._on_live)
+        self._steps.changed.connect(self._show_timing)
+        for w in (self._he, self._level, self._model, self._sampler, self._steps, self._seed):
+            w.changed.connect(self.live.restart_if_on)
+        self._device.changed.connect(self.live.restart_if_on)
 
     # ----------------------------------------------------------------------- choices
 
@@ -278,7 +300,9 @@ class StainWidget(Container):
             return
         self._config = cfg
         for st in cfg.stains:
-            self._stains.append(CheckBox(text=st, value=True, name=f"stain_{st}"))
+            box = CheckBox(text=st, value=True, name=f"stain_{st}")
+            box.changed.connect(self._on_stain_ticked)
+            self._stains.append(box)
         trained = prov.get("steps", "?")
         self._summary.value = (
             f"{', '.join(cfg.stains)} · {cfg.mpp:g} µm/px · {cfg.image_size} px tiles\n"
@@ -286,6 +310,14 @@ class StainWidget(Container):
             f"{cfg.schedule.prediction_type.value.removesuffix('_prediction')}-prediction, "
             f"trained {trained} steps"
         )
+        own = prov.get("sampling")  # a distilled model: its own sampler and steps by default
+        if isinstance(own, dict) and own.get("sampler") in SAMPLERS:
+            self._summary.value += f"\ndistilled for {own['sampler']}, {own['steps']} steps"
+            self._sampler.value, self._steps.value = own["sampler"], int(own["steps"])
+            self._own_sampling = True
+        elif self._own_sampling:  # back from a distilled model to an ordinary one
+            self._sampler.value, self._steps.value = DEFAULT_SAMPLER, DEFAULT_STEPS
+            self._own_sampling = False
         self._summary.tooltip = str(prov.get("data", ""))
         self._level.reset_choices()
 
@@ -402,6 +434,8 @@ class StainWidget(Container):
             self._set_running(False, "cancelled before it started")
             return
         est, total = info["estimate_s"], sum(info["tiles"])
+        self._seconds_per_step = (est / max(1, job.steps), info["device"])
+        self._show_timing()
         if est > self.confirm_above_s and not self.confirm(
             f"Staining {total} tiles ({len(job.boxes)} region(s)) will take about "
             f"{format_seconds(est)} on {info['device']}. Go ahead?"
@@ -409,7 +443,7 @@ class StainWidget(Container):
             self._set_running(False, f"not started (estimated {format_seconds(est)})")
             return
         self._ctx = {**ctx, "job": job, "total": total, "done_before": 0, "region_total": 0}
-        self._ctx["stained"] = [f >= MIN_TISSUE_FRACTION for f in info["tissue"]]
+        self._ctx["stained"] = info["stained"]
         skipped = [str(i + 1) for i, ok in enumerate(self._ctx["stained"]) if not ok]
         if skipped:
             from napari.utils.notifications import show_warning
@@ -442,6 +476,29 @@ class StainWidget(Container):
             if w is not None and w.is_running:
                 w.quit()
         self._status.value = "cancelling…"
+
+    def _on_stain_ticked(self, _=None) -> None:
+        live = getattr(self, "live", None)  # not there yet while the dock is being built
+        if live is not None:
+            live.restart_if_on()
+
+    def _on_live(self, on: bool) -> None:
+        """Stain as you pan on/off: Run and the region are replaced by the live layers."""
+        if on and self.running:
+            from napari.utils.notifications import show_info
+
+            show_info("Stain as you pan starts once the run ends (or is cancelled).")
+            self._live.value = False
+            return
+        started = on and self.live.start()
+        if on and not started:
+            self._live.value = False
+            return
+        if not on:
+            self.live.stop()
+            self._status.value = "stain as you pan: off"
+        self._run.enabled = not started and not self.running
+        self._region.enabled = not started
 
     def _set_running(self, running: bool, status: str = "") -> None:
         self.running = running
@@ -640,6 +697,21 @@ class StainWidget(Container):
                     layer.metadata = {**layer.metadata, "provenance": prov}
                     layer.refresh()
         return self._progress.value
+
+    def _show_timing(self, *_: Any) -> None:
+        """Steps versus time for the last estimated region (the sampler's time is linear in the
+        steps: every step is one network evaluation per tile and branch)."""
+        if self._seconds_per_step is None:
+            return
+        per_step, device = self._seconds_per_step
+        now = int(self._steps.value)
+        parts = [
+            f"[{n} steps: {format_seconds(n * per_step)}]"
+            if n == now
+            else f"{n}: {format_seconds(n * per_step)}"
+            for n in sorted({4, 10, 20, 50, now})
+        ]
+        self._timing.value = f"time for this region on {device}: " + " · ".join(parts)
 
     def _on_finished(self) -> None:
         if self._pbar is not None:

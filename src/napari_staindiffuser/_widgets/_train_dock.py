@@ -88,6 +88,7 @@ class TrainWidget(Container):
         self._resume = PushButton(text="Resume")
         self._progress = ProgressBar(value=0, min=0, max=1, label="Progress")
         self._status = Label(value="")
+        self._val_scores = Label(value="")  # PSNR, SSIM, Dice of the validation preview
         self.plot = LossPlot()
 
         tips = {
@@ -120,11 +121,15 @@ class TrainWidget(Container):
                 Container(
                     widgets=[self._go, self._stop, self._resume], layout="horizontal", labels=False
                 ),
-                self._progress, self._status,
+                self._progress, self._status, self._val_scores,
             ]
         )  # fmt: skip
         self.native.layout().addWidget(self.plot)
-        for label in (self._reg_label, self._status):
+        self._val_scores.tooltip = (
+            "The validation preview (EMA weights) against the real IHC of the same crop: "
+            "PSNR, SSIM and the Dice of DAB-thresholded positive cells (see docs/evaluation.md)"
+        )
+        for label in (self._reg_label, self._status, self._val_scores):
             label.native.setWordWrap(True)  # long messages wrap instead of widening the dock
         self._new_stain.visible = False
         self._stain.changed.connect(lambda v: setattr(self._new_stain, "visible", v == NEW_STAIN))
@@ -404,6 +409,7 @@ class TrainWidget(Container):
         self.control = TrainControl()
         if not resume:
             self.plot.clear()
+            self._val_scores.value = ""
         self.events = []
         self._set_running(True, "cutting patches…")
         worker = create_worker(
@@ -466,6 +472,8 @@ class TrainWidget(Container):
                 self.plot.add(f"val {k}", ev.step, v)
             for st, img in ev.previews.items():
                 self._show_preview(f"preview virtual {st} (step)", img, step=ev.step)
+            if ev.scores:
+                self._val_scores.value = format_scores(ev.step, ev.scores)
         elif isinstance(ev, CheckpointSaved):
             self._status.value = f"checkpoint saved at step {ev.step}: {ev.path}"
         elif isinstance(ev, Finished):
@@ -503,6 +511,16 @@ class TrainWidget(Container):
     def _on_finished(self) -> None:
         self._set_running(False)
         self.control = None
+
+
+def format_scores(step: int, scores: dict) -> str:
+    """One line per stain: the validation preview's PSNR, SSIM and Dice at ``step``."""
+    lines = [
+        f"validation preview, step {step}: {st} PSNR {s['psnr']:.2f} dB · SSIM "
+        f"{s['ssim']:.3f} · Dice {s['dice']:.3f}"
+        for st, s in scores.items()
+    ]
+    return "\n".join(lines)
 
 
 def shape_boxes_one(lo, hi, h: int, w: int) -> tuple[int, int, int, int]:

@@ -122,6 +122,21 @@ def _pairs(job: TrainJob, boxes: list[Box], offset: int, patch_px: int, masks: t
     return InMemoryPairs(samples, description=f"{len(samples)} {job.stain} {what} patches")
 
 
+def _preview_truth(job: TrainJob, he: np.ndarray, ihc: np.ndarray, masks: tuple):
+    """The preview crop's real IHC and positive cells (the masks layer, else the coarse mask
+    the training patches get), for the validation scores (PSNR, SSIM, Dice)."""
+    from ..pairs import PairSample
+    from ..stain import coarse_mask
+
+    y, x, h, w = job.preview_box
+    if job.masks is not None:
+        mask = np.asarray(job.masks[y : y + h, x : x + w]) > 0
+    else:
+        stats, preset = masks
+        mask = coarse_mask(ihc, preset.at_mpp(job.mpp) if job.mpp else preset, stats=stats)
+    return PairSample(he=he, ihc=ihc, stain=job.stain, mask=mask)
+
+
 def train_job(job: TrainJob, control: Any):
     """Cut patches, prepare the start, train (worker thread). Yields Progress, DataReady and
     iter_train's events."""
@@ -156,11 +171,12 @@ def train_job(job: TrainJob, control: Any):
             "no tissue in any training region (no patch has half its area on tissue): draw "
             "the rectangles over tissue"
         )
-    preview_he = preview_ihc = None
+    preview_he = preview_ihc = preview_truth = None
     if job.preview_box is not None:
         y, x, h, w = job.preview_box
         preview_he = np.asarray(job.he[y : y + h, x : x + w])
         preview_ihc = np.asarray(job.ihc[y : y + h, x : x + w])
+        preview_truth = _preview_truth(job, preview_he, preview_ihc, masks)
     yield DataReady(len(train), len(val), patch_px, cfg.stains, preview_he, preview_ihc)
     kwargs: dict[str, Any] = {"model_config": model_config, "init": init}
     if job.resume:
@@ -176,6 +192,7 @@ def train_job(job: TrainJob, control: Any):
             provenance={"stain": job.stain, "regions": len(job.train_boxes)},
             preview_he=preview_he,
             preview_mpp=job.mpp,
+            preview_truth=preview_truth,
             **kwargs,
         )
     finally:

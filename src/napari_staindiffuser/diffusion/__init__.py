@@ -10,6 +10,7 @@ from .samplers import (
     Sampler,
     SamplerKind,
     Spacing,
+    karras_timesteps,
     make_sampler,
     make_timesteps,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "SamplerKind",
     "ScheduleKind",
     "Spacing",
+    "karras_timesteps",
     "make_betas",
     "make_sampler",
     "make_timesteps",

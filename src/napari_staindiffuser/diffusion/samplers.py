@@ -59,6 +59,44 @@ class Spacing(str, enum.Enum):
     LEADING = "leading"
     TRAILING = "trailing"
     LINSPACE = "linspace"
+    #: Karras et al. 2022 (eq. 5): noise levels uniform in sigma^(1/7), dense at low noise, down
+    #: to t = 0; needs the schedule (``alphas_cumprod``). Few-step samples lose the fine grain
+    #: that the other grids leave on the background (docs/performance.md, sampling parity).
+    KARRAS = "karras"
+
+
+def karras_timesteps(
+    alphas_cumprod: torch.Tensor, num_steps: int, rho: float = 7.0
+) -> torch.Tensor:
+    """A Karras grid (Karras et al. 2022, eq. 5) mapped onto the training timesteps.
+
+    ``num_steps`` noise levels ``sigma = sqrt((1 - abar) / abar)`` from ``sigma(T-1)`` down to
+    ``sigma(0)``, uniform in ``sigma^(1/rho)``, each mapped to the training timestep with the
+    nearest ``log sigma`` (as diffusers' ``use_karras_sigmas``) and made strictly decreasing.
+
+    Returns
+    -------
+    torch.LongTensor
+        Shape ``(num_steps,)``, strictly decreasing, from ``T - 1`` to ``0``.
+    """
+    abar = alphas_cumprod.detach().cpu().double()
+    n = int(num_steps)
+    if not 1 <= n <= len(abar):
+        raise ValueError(f"num_steps must be an integer in [1, {len(abar)}], got {num_steps!r}")
+    log_sigma = (0.5 * ((1 - abar) / abar).log()).numpy()
+    s_max, s_min = np.exp(log_sigma[-1]), np.exp(log_sigma[0])
+    ramp = np.linspace(0.0, 1.0, n)
+    sigmas = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    out: list[int] = []
+    for sigma in sigmas:
+        t = int(np.argmin(np.abs(log_sigma - np.log(sigma))))
+        out.append(max(min(t, out[-1] - 1) if out else t, 0))
+    if len(set(out)) != n:
+        raise ValueError(
+            f"a Karras grid of {n} steps does not fit T = {len(abar)} training timesteps (it "
+            "would repeat timesteps): use fewer steps or the 'trailing' spacing"
+        )
+    return torch.tensor(out, dtype=torch.long)
 
 
 def make_timesteps(
@@ -98,6 +136,8 @@ def make_timesteps(
     ``n`` (e.g. ``T = 1000, n = 61``: a spurious final timestep ``-1``); here it is cut to ``n``.
     """
     spacing = _coerce_enum(Spacing, spacing, "timestep spacing")
+    if spacing is Spacing.KARRAS:
+        raise ValueError("the 'karras' grid depends on the schedule: use karras_timesteps")
     T = int(num_train_timesteps)
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
         raise ValueError(f"num_steps must be an integer in [1, {T}], got {num_steps!r}")
@@ -169,9 +209,14 @@ class Sampler(abc.ABC):
         self.spacing = _coerce_enum(Spacing, spacing, "timestep spacing")
         self.clip_sample = bool(clip_sample)
         self.clip_range = float(clip_range)
-        self.timesteps = make_timesteps(
-            self.spacing, schedule.num_train_timesteps, num_steps, drop_zero=self._drop_zero
-        )
+        if self.spacing is Spacing.KARRAS:
+            if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+                raise ValueError(f"num_steps must be an integer, got {num_steps!r}")
+            self.timesteps = karras_timesteps(schedule.alphas_cumprod, int(num_steps))
+        else:
+            self.timesteps = make_timesteps(
+                self.spacing, schedule.num_train_timesteps, num_steps, drop_zero=self._drop_zero
+            )
         abar = schedule.alphas_cumprod.detach().cpu()
         # abar at each grid point, then abar = 1 for the clean sample reached by the last step
         self._abar: list[float] = [*abar[self.timesteps].tolist(), 1.0]

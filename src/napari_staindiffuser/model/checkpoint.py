@@ -76,12 +76,19 @@ class Checkpoint:
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"cannot write checkpoint {path}: it exists and is not a regular file")
     if not folder.is_dir():
         raise ValueError(f"cannot write checkpoint {path}: folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except Exception as exc:  # safetensors reports a full disk as SafetensorError
+            if isinstance(exc, OSError):
+                raise
+            raise OSError(f"cannot write checkpoint {path}: {exc}") from exc
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is a normal file
@@ -224,6 +231,8 @@ def load_checkpoint(
         raise ValueError(f"{path} holds no {use} weights")
     _load_into(model, groups[use], path, use)
     model.to(map_location)
+    # a distilled checkpoint's own sampler and steps: the default of sampling.resolve_sampling
+    model.sampling_defaults = provenance.get("sampling")
 
     training = None
     if with_training:
