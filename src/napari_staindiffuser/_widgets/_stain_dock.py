@@ -27,7 +27,6 @@ from magicgui.widgets import (
 from psygnal import Signal
 
 from ._common import (
-    add_or_replace,
     choose_level,
     format_seconds,
     image_levels,
@@ -36,11 +35,19 @@ from ._common import (
     level_box,
     level_downsample,
     notify_error,
-    placed_like,
     shape_boxes,
     visible_box,
 )
 from ._live import LiveController
+from ._stain_layers import (
+    COUNT_COLUMNS,
+    counts_table,
+    counts_tsv,
+    create_layers,
+    finish_region,
+    mark_partial,
+    paste_tile,
+)
 from ._stain_worker import Job, RegionDone, RegionStart, prepare, stain_job
 
 __all__ = ["StainWidget", "model_list", "remember_model"]
@@ -52,8 +59,6 @@ DEFAULT_SAMPLER, DEFAULT_STEPS = "ddim", 10
 DEVICES = ("auto", "cuda", "mps", "cpu")
 #: largest region (level pixels) held as in-memory layers; larger runs go through the CLI
 MAX_REGION_PX = 256 * 1024 * 1024
-COUNT_COLUMNS = ("region", "stain", "positive objects", "positive area %", "tissue mm²")
-COUNT_COLUMNS += ("objects per mm² tissue", "µm/px")
 
 
 class _ModelList:
@@ -509,15 +514,6 @@ class StainWidget(Container):
 
     # ----------------------------------------------------------------------- events
 
-    def _names(self, index: int, stain: str) -> dict[str, str]:
-        he = self._ctx["layer"].name
-        suffix = f" #{index + 1}" if len(self._ctx["job"].boxes) > 1 else ""
-        return {
-            "image": f"virtual {stain} ({he}){suffix}",
-            "labels": f"{stain}+ cells ({he}){suffix}",
-            "uncertainty": f"uncertainty {stain} ({he}){suffix}",
-        }
-
     def _on_event(self, ev: Any) -> None:
         from napari_staindiffuser.events import Progress
         from napari_staindiffuser.inference import TileStained
@@ -534,71 +530,15 @@ class StainWidget(Container):
             self._finish_region(ev)
 
     def _create_layers(self) -> None:
-        """Every output layer of the run, empty (transparent), before the worker starts: adding
-        a layer is napari's slowest step, so it is done here, letting the event loop run
-        between stains, rather than in the middle of the run."""
-        from qtpy.QtWidgets import QApplication
-
-        job, layer, level = self._ctx["job"], self._ctx["layer"], self._ctx["level"]
-        self._layers = {}
-        meta = {"mpp": job.image_mpp, "provenance": {"status": "running"}}
-        for i, box in enumerate(job.boxes):
-            if not self._ctx["stained"][i]:
-                continue
-            place = placed_like(layer, level, box)
-            h, w = box[2], box[3]
-            for st in job.stains:
-                names = self._names(i, st)
-                m = {**meta, "stain": st}
-                entry = {
-                    "image": add_or_replace(
-                        self.viewer,
-                        np.zeros((h, w, 4), np.uint8),
-                        "image",
-                        names["image"],
-                        rgb=True,
-                        metadata=m,
-                        **place,
-                    ),
-                    "labels": add_or_replace(
-                        self.viewer,
-                        np.zeros((h, w), np.int32),
-                        "labels",
-                        names["labels"],
-                        metadata=m,
-                        **place,
-                    ),
-                }
-                if job.samples > 1:
-                    entry["uncertainty"] = add_or_replace(
-                        self.viewer,
-                        np.zeros((h, w), np.float32),
-                        "image",
-                        names["uncertainty"],
-                        colormap="magma",
-                        visible=False,
-                        metadata=m,
-                        **place,
-                    )
-                self._layers[(i, st)] = entry
-                QApplication.processEvents()  # let the viewer breathe between layers
+        c = self._ctx
+        self._layers = create_layers(self.viewer, c["job"], c["layer"], c["level"], c["stained"])
 
     def _start_region(self, ev: RegionStart) -> None:
         self._ctx["region"] = ev.index
         self._ctx["dirty"] = set()
 
     def _on_tile(self, ev) -> None:
-        region = self._ctx.get("region", 0)
-        y, x, h, w = ev.box
-        for st, tile in ev.images.items():
-            entry = self._layers.get((region, st))
-            if entry is None:
-                continue
-            img, lab = entry["image"], entry["labels"]
-            img.data[y : y + h, x : x + w, :3] = tile
-            img.data[y : y + h, x : x + w, 3] = 255
-            lab.data[y : y + h, x : x + w][ev.masks[st]] = 1
-            self._ctx["dirty"].update((img, lab))
+        self._ctx["dirty"] |= paste_tile(self._layers, self._ctx.get("region", 0), ev)
         self.tiles_seen += 1
         done = self._ctx["done_before"] + ev.done
         self._ctx["region_total"] = ev.total
@@ -623,49 +563,18 @@ class StainWidget(Container):
         prov = {**ev.provenance, "he_layer": layer.name, "level": self._ctx["level"]}
         prov["region_level0_px"] = [round(v, 2) for v in self._ctx["boxes0"][ev.index]]
         prov["status"] = "complete"
-        mpp = self._ctx["job"].image_mpp
-        for st in ev.images:
-            entry = self._layers[(ev.index, st)]
-            img, lab = entry["image"], entry["labels"]
-            rgba = np.concatenate(
-                [ev.images[st], np.full((*ev.images[st].shape[:2], 1), 255, np.uint8)], -1
-            )
-            meta = {"stain": st, "mpp": mpp, "provenance": {**prov, "content": f"virtual {st}"}}
-            img.data, img.metadata = rgba, {**img.metadata, **meta}
-            lab.data = ev.labels[st]
-            lab.metadata = {
-                **lab.metadata,
-                **meta,
-                "provenance": {**prov, "content": f"{st}+ cells (connected components)"},
-            }
-            if "uncertainty" in entry and st in ev.uncertainty:
-                unc = entry["uncertainty"]
-                unc.data = ev.uncertainty[st].astype(np.float32)
-                unc.contrast_limits = (0.0, max(float(unc.data.max()), 1e-3))
-                unc.metadata = {
-                    **unc.metadata,
-                    **meta,
-                    "provenance": {**prov, "content": "std across samples (0-255 units)"},
-                }
+        finish_region(self._layers, ev, prov, self._ctx["job"].image_mpp)
         for row in ev.counts:
             self._rows.append({**row, "_layer": layer.name})
         self._ctx["done_before"] += self._ctx["region_total"]
         self._show_counts()
 
     def _show_counts(self) -> None:
-        data = [[r[c] if r[c] is not None else "n/a" for c in COUNT_COLUMNS] for r in self._rows]
-        self._table.value = {
-            "data": data,
-            "index": list(range(len(data))),
-            "columns": list(COUNT_COLUMNS),
-        }
+        self._table.value = counts_table(self._rows)
 
     def counts_tsv(self) -> str:
         """The counts table as tab-separated text (what "Copy counts" puts on the clipboard)."""
-        lines = ["\t".join(COUNT_COLUMNS)]
-        for r in self._rows:
-            lines.append("\t".join("" if r[c] is None else str(r[c]) for c in COUNT_COLUMNS))
-        return "\n".join(lines) + "\n"
+        return counts_tsv(self._rows)
 
     def _copy_counts(self) -> None:
         from qtpy.QtWidgets import QApplication
@@ -689,13 +598,7 @@ class StainWidget(Container):
 
     def _mark_partial(self, status: str) -> int:
         """Flag the layers of an unfinished region; returns the tiles they hold."""
-        for entry in self._layers.values():
-            for layer in entry.values():
-                prov = dict(layer.metadata.get("provenance", {}))
-                if prov.get("status") == "running":
-                    prov["status"] = status
-                    layer.metadata = {**layer.metadata, "provenance": prov}
-                    layer.refresh()
+        mark_partial(self._layers, status)
         return self._progress.value
 
     def _show_timing(self, *_: Any) -> None:
