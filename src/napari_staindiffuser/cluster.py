@@ -39,7 +39,6 @@ from .inference import (
     MIN_REGION_MODEL_PX,
     DiffusionTileModel,
     StainResult,
-    TileStained,
     _alloc,
     _assemble,
     _BatchDone,
@@ -47,6 +46,7 @@ from .inference import (
     _eta,
     _Geometry,
     _iter_batch,
+    _stitch,
     plan_grid,
 )
 from .ome_tiff import write_stain_outputs
@@ -496,17 +496,9 @@ def iter_stain_distributed(
                 res = ready.pop(nxt)
                 nxt += 1
                 dab_stains = res.dab_stains
-                for td in res.tiles:
-                    stitcher.add(td.tile, td.values)
-                    done += 1
-                    yield TileStained(
-                        done=done,
-                        total=total,
-                        box=td.box,
-                        images=td.images,
-                        masks=td.masks,
-                        eta_s=_eta(t0, finished, total),
-                    )
+                eta_s = _eta(t0, finished, total)  # from the tiles sampled so far
+                yield from _stitch(stitcher, res, done, total, lambda _, e=eta_s: e)
+                done += len(res.tiles)
             submit_more()
         images, masks, scores, unc = _assemble(
             stitcher.finish(), head, stains, dab_stains, geo, samples

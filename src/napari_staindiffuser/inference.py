@@ -540,17 +540,8 @@ def iter_stain(
                 continue
             b0 += len(chunk)
             dab_stains = finished.dab_stains
-            for td in finished.tiles:
-                stitcher.add(td.tile, td.values)
-                done += 1
-                yield TileStained(
-                    done=done,
-                    total=total,
-                    box=td.box,
-                    images=td.images,
-                    masks=td.masks,
-                    eta_s=_eta(t0, done, total),
-                )
+            yield from _stitch(stitcher, finished, done, total, lambda d: _eta(t0, d, total))
+            done += len(finished.tiles)
         images, masks, scores, unc = _assemble(
             stitcher.finish(), model, stains, dab_stains, geo, samples
         )
@@ -696,6 +687,16 @@ def _assemble(full, model, stains, dab_stains, geo: _Geometry, samples: int):
         if samples > 1:
             unc[st] = _resize_to(np.array(full[..., 4 * n + k]), (rh, rw))
     return images, masks, scores, unc
+
+
+def _stitch(stitcher, batch: _BatchDone, done: int, total: int, eta) -> Iterator[TileStained]:
+    """Add a finished batch's tiles to ``stitcher`` in order, yielding a TileStained for each
+    (``done`` tiles before it; ``eta(done)``: the seconds left)."""
+    for td in batch.tiles:
+        stitcher.add(td.tile, td.values)
+        done += 1
+        yield TileStained(done=done, total=total, box=td.box, images=td.images, masks=td.masks,
+                          eta_s=eta(done))  # fmt: skip
 
 
 def _dab_mask(rgb: np.ndarray, stain: str, mpp: float) -> np.ndarray:
