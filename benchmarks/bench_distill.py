@@ -146,11 +146,16 @@ def cmd_distill(args) -> None:
     per_stage = per_stage[0] if len(per_stage) == 1 else per_stage
     if args.budget_s:  # size the stages to a time budget from a short timing probe
         n_stages = len(stage_plan(args.teacher_steps, args.student_steps))
-        sec = probe(teacher, train, args.batch, args.student_steps, args.device)
+        sec = probe(
+            teacher, train, args.batch, args.student_steps, args.device,
+            "karras" if args.grid == "teacher" else args.grid,  # same cost on any grid
+            args.teacher_steps,
+        )  # fmt: skip
         per_stage = max(1, int(args.budget_s / n_stages / sec))
         print(f"probe: {sec:.3f} s/step -> {per_stage} steps per stage", flush=True)
     print(
-        f"distilling {teacher} -> {out}: DDIM {args.teacher_steps} -> {args.student_steps}, "
+        f"distilling {teacher} -> {out}: DDIM {args.teacher_steps} ({args.grid} grid) -> "
+        f"{args.student_steps}, "
         f"{per_stage} steps per stage, batch {args.batch}, lr {args.lr}, device {args.device}, "
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, load {os.getloadavg()}",
         flush=True,
@@ -162,6 +167,8 @@ def cmd_distill(args) -> None:
         train,
         student_steps=args.student_steps,
         teacher_steps=args.teacher_steps,
+        grid=args.grid,
+        init_student=args.init_student,
         steps_per_stage=per_stage,
         batch_size=args.batch,
         lr=args.lr,
@@ -188,9 +195,9 @@ def cmd_distill(args) -> None:
     print(f"distillation took {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def probe(teacher_path, train, batch, n, device, steps=8) -> float:
+def probe(teacher_path, train, batch, n, device, grid, teacher_steps, steps=8) -> float:
     """Seconds per distillation step (forward, backward, AdamW) after 3 warm-up steps."""
-    from napari_staindiffuser.distill import distill_losses
+    from napari_staindiffuser.distill import distill_losses, teacher_grid
     from napari_staindiffuser.model.checkpoint import load_checkpoint
     from napari_staindiffuser.pairs import make_batch
     from napari_staindiffuser.training import make_schedule
@@ -204,12 +211,14 @@ def probe(teacher_path, train, batch, n, device, steps=8) -> float:
     b = make_batch([src[i % len(src)] for i in range(batch)], image_size=64, stains=cfg.stains)
     b = {k: torch.from_numpy(v).to(dev) for k, v in b.items()}
     sched = make_schedule(cfg)
+    g = teacher_grid(sched, n, grid=grid, teacher_steps=teacher_steps)
     for k in range(3 + steps):
         if k == 3:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        total, _ = distill_losses(student, teacher, sched, n, b, torch.Generator().manual_seed(k))
+        gen = torch.Generator().manual_seed(k)
+        total, _ = distill_losses(student, teacher, sched, n, b, gen, grid=g)
         opt.zero_grad()
         total.backward()
         opt.step()
@@ -225,7 +234,7 @@ def probe(teacher_path, train, batch, n, device, steps=8) -> float:
     return (t1 - t0) / steps + (time.perf_counter() - t1)
 
 
-def score(model, pairs, stain, *, sampler, steps, batch=64, seed=0):
+def score(model, pairs, stain, *, sampler, steps, spacing=None, batch=64, seed=0):
     """(PSNR, SSIM, Dice, seconds) of one model/sampler on held-out pairs of one stain."""
     from napari_staindiffuser.demo import dice, image_scores
     from napari_staindiffuser.sampling import from_uint8_rgb, sample, to_uint8_rgb
@@ -243,6 +252,7 @@ def score(model, pairs, stain, *, sampler, steps, batch=64, seed=0):
             stains=[stain],
             sampler=sampler,
             steps=steps,
+            spacing=spacing,
             seed=seed + i,
         )
         virt.append(to_uint8_rgb(r.images[stain]))
@@ -278,12 +288,13 @@ def cmd_eval(args) -> None:
     if args.dpm:
         rows.append(("teacher", teacher, "dpmsolver++", 20))
     rows += [("teacher", teacher, "ddim", n) for n in args.teacher_ddim]
+    rows = [(*r, args.teacher_spacing) for r in rows]
     students = sorted(work.glob("student*.safetensors"))
     for path in students if args.students is None else args.students:
         ck = load_checkpoint(path)
         smp = ck.provenance["sampling"]
         name = f"student {Path(path).stem}"
-        rows.append((name, ck.model.to(dev).eval(), smp["sampler"], int(smp["steps"])))
+        rows.append((name, ck.model.to(dev).eval(), smp["sampler"], int(smp["steps"]), None))
     n = len(held[STAINS[0]])
     print(
         f"{n} held-out SYNTHETIC pairs per stain (master seed {HELD_OUT_SEED}), 64 px, noise "
@@ -319,9 +330,11 @@ def cmd_eval(args) -> None:
                 f"{sh:.2f} | - |",
                 flush=True,
             )
-    for name, model, sampler, steps in rows:
+    for name, model, sampler, steps, spacing in rows:
         for stain in STAINS:
-            ps, ss, d, sh, secs = score(model, held[stain], stain, sampler=sampler, steps=steps)
+            ps, ss, d, sh, secs = score(
+                model, held[stain], stain, sampler=sampler, steps=steps, spacing=spacing
+            )
             results.append([name, sampler, steps, stain, ps, ss, d, sh])
             print(
                 f"| {stain} | {name} | {sampler} | {steps} | {ps:.2f} | {ss:.3f} | {d:.3f} | "
@@ -367,6 +380,8 @@ def main() -> None:
     q.add_argument("--teacher", default=None, help="default: the bundled model")
     q.add_argument("--student-steps", type=int, default=4)
     q.add_argument("--teacher-steps", type=int, default=16)
+    q.add_argument("--grid", choices=["karras", "trailing", "teacher"], default="karras")
+    q.add_argument("--init-student", help="start the first stage from this student (continue)")
     q.add_argument("--steps-per-stage", default="1000", help="one value, or one per stage")
     q.add_argument("--batch", type=int, default=16)
     q.add_argument("--lr", type=float, default=1e-4)
@@ -386,6 +401,9 @@ def main() -> None:
     q.add_argument("--teacher", default=None)
     q.add_argument("--students", nargs="*", default=None, help="default: <work>/student-*")
     q.add_argument("--teacher-ddim", type=int, nargs="*", default=[16, 8, 4, 2])
+    q.add_argument(
+        "--teacher-spacing", default=None, help="grid of the teacher's DDIM rows (default: karras)"
+    )
     q.add_argument("--ddpm", action="store_true", help="also the teacher with DDPM 1000")
     q.add_argument("--no-dpm", dest="dpm", action="store_false", help="skip DPM-Solver++ 20")
     q.add_argument(

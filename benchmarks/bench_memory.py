@@ -9,13 +9,25 @@ memory does not leak into the next):
    hundred random 1024 x 1024 px viewports at several levels. Goal: peak RSS < 500 MB.
 2. **stain 4k x 4k**: ``iter_stain`` over a 4096 x 4096 px region (tiny model, 2 steps,
    batch 8, at the model's µm/px): RSS growth from before the run to its peak, beside what the
-   run must hold (the stitching buffer unless memory-mapped, the result arrays and one batch).
+   run must hold (the result arrays and one batch; the stitcher keeps one tile-row band and
+   assembles the result band by band, with no full-size working buffer).
 3. **drift**: 1,000 tiles (tiny model, 1 step) as 10 regions of about 100 tiles; RSS after
    every region; first vs last. Goal: <= 5 %.
+4. **stream** (not in the default rows): ``iter_stain`` + OME-TIFFs over square regions of
+   ``--stream-sizes`` px with a trivial pointwise tile model (the cost is tiling, stitching,
+   resampling and writing, not the network), at 0.499 µm/px for a 0.5 µm/px model (so the
+   output is resampled, as with a real slide), in memory (then ``write_stain_outputs``, what
+   ``staindiffuser stain`` did for every region) and streamed (``out_path=``): RSS growth from
+   before the run to its peak, files included. ``--stream-width W``: regions W px wide and
+   ``--stream-sizes`` px tall (the streamed band grows with the width only); ``--stream-only``:
+   skip the in-memory runs. Goal: streamed growth does not grow with the region's height.
 
-    python benchmarks/bench_memory.py                  # all three rows
+    python benchmarks/bench_memory.py                  # rows open, stain, drift
     python benchmarks/bench_memory.py --rows open      # one row
     python benchmarks/bench_memory.py --stain-size 2048 --drift-tiles 500   # quicker
+    python benchmarks/bench_memory.py --rows stream --stream-sizes 2048 4096 8192 16384
+    python benchmarks/bench_memory.py --rows stream --stream-only --stream-width 2048 \
+        --stream-sizes 2048 8192 32768
 
 RSS is read from /proc/self/status (VmRSS, VmHWM = peak) on Linux, else psutil. Not a test:
 nothing asserts. The file needs about 1 GB of free disk in the temporary folder.
@@ -158,13 +170,15 @@ def row_open(path: str, viewports: int, seed: int = 0) -> dict:
 # -- rows 2 and 3: staining ------------------------------------------------------------------
 
 
-def _he_image(side: int) -> np.ndarray:
-    """A side x side H&E built from tiled synthetic texture (cheap; content barely matters)."""
+def _he_image(side: int, width: int | None = None) -> np.ndarray:
+    """A side x width (default side) H&E built from tiled synthetic texture (cheap; content
+    barely matters)."""
+    width = width or side
     t = _texture_tiles(4)
     row = np.concatenate(t, 1)
     block = np.concatenate([row, np.roll(row, TILE, 1)], 0)  # 1024 x 2048
-    reps = (-(-side // block.shape[0]), -(-side // block.shape[1]), 1)
-    return np.ascontiguousarray(np.tile(block, reps)[:side, :side])
+    reps = (-(-side // block.shape[0]), -(-width // block.shape[1]), 1)
+    return np.ascontiguousarray(np.tile(block, reps)[:side, :width])
 
 
 def _tiny_model():
@@ -177,15 +191,13 @@ def _tiny_model():
     return StainDiffuser(preset("tiny")).eval()
 
 
-def row_stain(side: int, batch: int, steps: int, memmap: bool) -> dict:
+def row_stain(side: int, batch: int, steps: int) -> dict:
     from napari_staindiffuser.inference import StainResult, iter_stain, plan_grid
 
     model = _tiny_model()
     cfg = model.config
     img = _he_image(side)
     kw = dict(steps=steps, batch=batch, device="cpu", image_mpp=cfg.mpp)
-    if memmap:
-        kw["memmap_bytes"] = 0
     for _ in iter_stain(img[:256, :256], model, **kw):  # warm-up: allocator, lazy init
         pass
     grid, _ = plan_grid(
@@ -196,8 +208,6 @@ def row_stain(side: int, batch: int, steps: int, memmap: bool) -> dict:
         image_mpp=cfg.mpp,
     )
     n = len(cfg.stains)
-    chans = n * 4
-    buf = grid.height * grid.width * chans * 4 / MB
     result = side * side * n * (3 + 1 + 4) / MB  # images uint8 x3, masks bool, scores float32
     # one batch: input tiles, noise/state per branch, encoder features (not the exact peak)
     s = cfg.image_size
@@ -218,10 +228,9 @@ def row_stain(side: int, batch: int, steps: int, memmap: bool) -> dict:
     secs = time.perf_counter() - t0
     cur, peak = rss()
     del res
-    need = (0 if memmap else buf) + result + batch_bytes
+    need = result + batch_bytes
     return {
-        "what": f"stain {side} x {side} px (tiny, {steps} steps, batch {batch}"
-        + (", stitching buffer memory-mapped)" if memmap else ")"),
+        "what": f"stain {side} x {side} px (tiny, {steps} steps, batch {batch})",
         "detail": f"{grid.height} x {grid.width} model px, {len(grid.tiles)} tiles, both stains",
         "baseline_mb": base,
         "end_mb": cur,
@@ -230,9 +239,7 @@ def row_stain(side: int, batch: int, steps: int, memmap: bool) -> dict:
         "need_mb": need,
         "seconds": secs,
         "note": (
-            f"needs: stitching buffer {0 if memmap else buf:.0f} MB"
-            f"{' (memmap: ' + format(buf, '.0f') + ' MB on disk)' if memmap else ''}"
-            f" + result {result:.0f} MB + batch ~{batch_bytes:.0f} MB; RSS during tiling "
+            f"needs: result {result:.0f} MB + batch ~{batch_bytes:.0f} MB; RSS during tiling "
             f"{', '.join(f'{x:.0f}' for x in samples[:6])}{' ...' if len(samples) > 6 else ''}"
         ),
         "goal": "growth <= need",
@@ -276,6 +283,86 @@ def row_drift(tiles: int, per_region: int = 100) -> dict:
     }
 
 
+# -- row 4: slide-scale staining streamed to OME-TIFF ------------------------------------------
+
+
+class PointwiseTileModel:
+    """A trivial TileModel (a pointwise colour map, a score from the green channel): staining
+    costs nothing, so the row measures tiling, stitching, resampling and writing."""
+
+    stains = ("CD3", "CK8/18")
+    tile = 64
+    multiple_of = 8
+    mpp = 0.5
+
+    def run(self, tiles, seeds, stains):
+        from napari_staindiffuser.inference import TileOutput
+
+        x = tiles.astype(np.float32) / 255.0
+        out = np.stack([x[..., 1] ** 2, 1 - x[..., 0], 0.5 * (x[..., 2] + x[..., 0])], -1)
+        yield TileOutput(
+            images={s: out if s == "CD3" else 1 - out for s in stains},
+            scores={s: out[..., 0] for s in stains},
+        )
+
+    def decode_mask(self, stain, score):
+        return score > 0.5
+
+    def describe(self):
+        return {"model": "pointwise (benchmark)"}
+
+
+def row_stream(side: int, stream: bool, batch: int, tmpdir: str | None, width: int | None) -> dict:
+    from napari_staindiffuser.inference import StainResult, iter_stain
+    from napari_staindiffuser.ome_tiff import write_stain_outputs
+
+    model = PointwiseTileModel()
+    img = _he_image(side, width)
+    width = img.shape[1]
+    kw = dict(batch=batch, image_mpp=0.499)
+    tmp = tempfile.mkdtemp(prefix="bench-stream-", dir=tmpdir)
+    try:
+        for _ in iter_stain(img[:256, :256], model, **kw):  # warm-up: imports, allocator
+            pass
+        n = len(model.stains)
+        inputs = img.nbytes / MB
+        result = side * width * n * (3 + 1 + 4) / MB  # images uint8 x3, masks bool, scores f32
+        reset_peak()
+        base = rss()[0]
+        t0 = time.perf_counter()
+        res = None
+        tiles = 0
+        for ev in iter_stain(img, model, out_path=tmp if stream else None, **kw):
+            if isinstance(ev, StainResult):
+                res = ev
+            elif hasattr(ev, "box"):
+                tiles += 1
+        stain_s = time.perf_counter() - t0
+        if not stream:
+            write_stain_outputs(res, tmp, "image", 0.499)
+        secs = time.perf_counter() - t0
+        cur, peak = rss()
+        files = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)) / MB
+        left = [f for f in os.listdir(tmp) if not f.endswith(".ome.tif")]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "what": f"stain {width} x {side} px (w x h) + OME-TIFFs, "
+        + ("streamed to disk (out_path)" if stream else "in memory, then written"),
+        "detail": f"pointwise tile model, {tiles} tiles of 64 px, 2 stains, 0.499 -> 0.5 um/px",
+        "baseline_mb": base,
+        "end_mb": cur,
+        "peak_mb": peak,
+        "growth_mb": peak - base,
+        "need_mb": 0 if stream else result,
+        "seconds": secs,
+        "note": f"input {inputs:.0f} MB (before the baseline); stain {stain_s:.0f} s; "
+        f"files {files:.0f} MB" + (f"; LEFT OVER {left}" if left else ""),
+        "goal": "growth flat in region size" if stream else "growth ~ result",
+        "ok": not left,
+    }
+
+
 # -- driver ------------------------------------------------------------------------------------
 
 
@@ -283,7 +370,9 @@ def _child(args) -> None:
     if args.child == "open":
         out = row_open(args.file, args.viewports)
     elif args.child == "stain":
-        out = row_stain(args.stain_size, args.batch, args.steps, args.memmap)
+        out = row_stain(args.stain_size, args.batch, args.steps)
+    elif args.child == "stream":
+        out = row_stream(args.stain_size, args.streamed, args.batch, args.tmpdir, args.width)
     else:
         out = row_drift(args.drift_tiles)
     out["load"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -307,10 +396,14 @@ def main() -> None:
     ap.add_argument("--stain-size", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--memmap", action="store_true", help="stain row: memory-map the buffer too")
     ap.add_argument("--drift-tiles", type=int, default=1000)
+    ap.add_argument("--stream-sizes", type=int, nargs="+", default=[2048, 4096, 8192])
+    ap.add_argument("--stream-width", type=int, help="stream row: regions this wide (px)")
+    ap.add_argument("--stream-only", action="store_true", help="stream row: skip in-memory runs")
+    ap.add_argument("--streamed", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--width", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--tmpdir", default=None, help="where to write the big slide")
-    ap.add_argument("--child", choices=["open", "stain", "drift"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["open", "stain", "drift", "stream"], help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -338,11 +431,17 @@ def main() -> None:
     if "stain" in args.rows:
         argv = ["--child", "stain", "--stain-size", str(args.stain_size), "--batch",
                 str(args.batch), "--steps", str(args.steps)]  # fmt: skip
-        rows.append(_run_child(argv + (["--memmap"] if args.memmap else [])))
-        if args.memmap:
-            rows.append(_run_child(argv))
+        rows.append(_run_child(argv))
     if "drift" in args.rows:
         rows.append(_run_child(["--child", "drift", "--drift-tiles", str(args.drift_tiles)]))
+    if "stream" in args.rows:
+        for side in args.stream_sizes:
+            for streamed in (True,) if args.stream_only else (False, True):
+                argv = ["--child", "stream", "--stain-size", str(side), "--batch", str(args.batch)]
+                argv += ["--tmpdir", args.tmpdir] if args.tmpdir else []
+                argv += ["--width", str(args.stream_width)] if args.stream_width else []
+                rows.append(_run_child(argv + (["--streamed"] if streamed else [])))
+                print(json.dumps(rows[-1]), flush=True)
 
     print(
         f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "

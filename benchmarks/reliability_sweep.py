@@ -521,10 +521,13 @@ def case_cancel_stain(inputs: dict[str, Path], work: Path, rng: random.Random) -
     from napari_staindiffuser.model.checkpoint import load_checkpoint
 
     model = load_checkpoint(inputs["good checkpoint"]).model
-    gen = iter_stain(he_patch(), model, steps=2, batch=2, seed=0, device="cpu")
+    out = work / "cancelled-stain"  # streamed to disk: temporary files, then the OME-TIFFs
+    gen = iter_stain(he_patch(), model, steps=2, batch=2, seed=0, device="cpu", out_path=out)
     seen = _close_at_random(gen, rng, 12)
-    strays = [p for p in Path(tempfile.gettempdir()).glob("staindiffuser-*") if p.is_file()]
-    return "stopped", f"closed after {seen} events; temporary memmaps left: {len(strays)}"
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if left:
+        raise AssertionError(f"a cancelled streamed run left {left} in {out}")
+    return "stopped", f"closed after {seen} events; nothing left in the output folder"
 
 
 def case_cancel_masks(inputs: dict[str, Path], work: Path, rng: random.Random) -> tuple[str, str]:

@@ -43,6 +43,25 @@ def untrained_model(image_size: int = 32, seed: int = 0, **overrides):
     return model
 
 
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """An untrained tiny model (32 px) saved as a checkpoint, for the docks and the CLI."""
+    from napari_staindiffuser.model.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    save_checkpoint(path, untrained_model(32), provenance={"steps": 0, "data": "untrained"})
+    return path
+
+
+def viewer_with_pair(make_napari_viewer, region, mpp: float):
+    """A shown viewer holding a SyntheticRegion's H&E and CD3 IHC ("H&E", "CD3 IHC") in µm."""
+    viewer = make_napari_viewer(show=True)
+    kw = {"rgb": True, "scale": (mpp, mpp), "units": "um"}
+    viewer.add_image(region.he, name="H&E", **kw)
+    viewer.add_image(region.ihc["CD3"], name="CD3 IHC", **kw)
+    return viewer
+
+
 def blob_pairs(n: int, size: int = 32, seed: int = 0, stains=("CD3", "CK8/18")):
     """Minimal paired data: pink H&E with purple nuclei; brown IHC on the larger ones."""
     from napari_staindiffuser.pairs import InMemoryPairs, PairSample

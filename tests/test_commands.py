@@ -10,9 +10,7 @@ import torch
 
 from napari_staindiffuser.cli import main
 from napari_staindiffuser.io import open_slide, read_provenance, sample_svs_path
-from napari_staindiffuser.model.checkpoint import load_checkpoint, save_checkpoint
-
-from conftest import untrained_model
+from napari_staindiffuser.model.checkpoint import load_checkpoint
 
 TINY_TRAIN = [
     "--preset",
@@ -26,14 +24,6 @@ TINY_TRAIN = [
     "--device",
     "cpu",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    model = untrained_model()
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(path, model, provenance={"note": "untrained test model"})
-    return path
 
 
 def test_stain_svs_region_writes_aligned_outputs(tmp_path, tiny_ckpt, capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from napari_staindiffuser.config import preset
-from napari_staindiffuser.diffusion import DDIMSampler, make_timesteps
+from napari_staindiffuser.diffusion import DDIMSampler, karras_timesteps, make_timesteps
 from napari_staindiffuser.distill import (
     distill_losses,
     distill_target,
@@ -127,6 +127,7 @@ def test_one_stage_runs_loads_and_samples_with_its_own_defaults(teacher_path, pa
             batch_size=2,
             val_source=pairs,
             val_batches=1,
+            grid="trailing",
             device="cpu",
         )
     )
@@ -152,6 +153,114 @@ def test_one_stage_runs_loads_and_samples_with_its_own_defaults(teacher_path, pa
     plain = load_checkpoint(teacher_path)
     assert plain.model.sampling_defaults is None
     assert resolve_sampling(plain.model) == ("ddim", 10)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_karras_stage_grids_are_every_kth_point_of_the_teacher_grid(n):
+    schedule = make_schedule(preset("small"))
+    full = karras_timesteps(schedule.alphas_cumprod, 16)
+    t2, abar = teacher_grid(schedule, n, grid="karras", teacher_steps=16)
+    assert torch.equal(t2, full[:: 16 // (2 * n)])
+    assert len(t2) == 2 * n and t2[0] == 999 and abar[-1] == 1.0
+    # the trailing formula would give another grid: the Karras one is denser at low noise
+    assert not torch.equal(t2[::2], make_timesteps("trailing", 1000, n)) or n == 1
+    with pytest.raises(ValueError, match="multiple of 2"):
+        teacher_grid(schedule, n, grid="karras", teacher_steps=2 * n + 1)
+    with pytest.raises(ValueError, match="needs teacher_steps"):
+        teacher_grid(schedule, n, grid="karras")
+
+
+def test_karras_student_records_and_samples_on_its_own_grid(teacher_path, pairs, tmp_path):
+    out = tmp_path / "karras.safetensors"
+    events = list(
+        iter_distill(
+            teacher_path, out, pairs, student_steps=2, teacher_steps=8, steps_per_stage=1,
+            batch_size=2, device="cpu",
+        )
+    )  # fmt: skip
+    saved = [e.path for e in events if isinstance(e, CheckpointSaved)]
+    assert saved == [out.with_name("karras-4step.safetensors"), out]
+    full = karras_timesteps(make_schedule(_config()).alphas_cumprod, 8).tolist()
+    for path, n in zip(saved, (4, 2), strict=True):
+        _, prov = read_config(path)
+        assert prov["sampling"] == {
+            "sampler": "ddim", "steps": n, "spacing": "custom", "timesteps": full[:: 8 // n]
+        }  # fmt: skip
+        assert prov["distillation"]["grid"] == "karras"
+    model = load_checkpoint(out).model
+    cond = torch.zeros((1, 3, PX, PX))
+    steps = [e.timestep for e in iter_sample(model, cond, stains=["CD3"]) if hasattr(e, "timestep")]
+    assert steps == full[::4]
+    # another step count cannot use the 2-step grid: Karras (the usual default) instead
+    steps = [
+        e.timestep for e in iter_sample(model, cond, stains=["CD3"], steps=3)
+        if hasattr(e, "timestep")
+    ]  # fmt: skip
+    assert steps == karras_timesteps(make_schedule(_config()).alphas_cumprod, 3).tolist()
+    with pytest.raises(ValueError, match="own timestep grid"):
+        list(iter_sample(model, cond, stains=["CD3"], steps=3, spacing="custom"))
+    with pytest.raises(ValueError, match="grid must be one of"):
+        list(iter_distill(teacher_path, out, pairs, grid="cosine", device="cpu"))
+
+
+def test_continue_a_stage_on_the_teachers_own_grid(teacher_path, pairs, tmp_path):
+    """grid="teacher" + init_student: the student starts from the given student and keeps the
+    distilled teacher's grid; a plain teacher or another architecture is refused."""
+    first = tmp_path / "a.safetensors"
+    kw = dict(batch_size=2, device="cpu", steps_per_stage=1)
+    list(
+        iter_distill(
+            teacher_path,
+            first,
+            pairs,
+            student_steps=2,
+            teacher_steps=8,
+            lr=1e-2,
+            warmup_steps=0,
+            **kw,
+        )
+    )  # fmt: skip  (big steps: each stage's student differs from its teacher)
+    half = tmp_path / "a-4step.safetensors"
+    more = tmp_path / "b.safetensors"
+    events = list(
+        iter_distill(
+            half, more, pairs, student_steps=2, teacher_steps=4, grid="teacher",
+            init_student=first, lr=1e-12, **kw,
+        )
+    )  # fmt: skip
+    assert isinstance(events[-1], Finished)
+    _, prov_a = read_config(first)
+    _, prov_b = read_config(more)
+    assert prov_b["sampling"] == prov_a["sampling"]  # the same 2-step grid
+    assert prov_b["distillation"]["init_student"] == "a.safetensors"
+    assert prov_b["distillation"]["teacher_grid"] == read_config(half)[1]["sampling"]["timesteps"]
+    a, b = load_checkpoint(first).model.state_dict(), load_checkpoint(more).model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)  # started from the student
+    t = load_checkpoint(half).model.state_dict()
+    assert not all(torch.allclose(t[k], b[k], atol=1e-3) for k in t)
+
+    with pytest.raises(ValueError, match="needs a distilled teacher"):
+        list(iter_distill(teacher_path, more, pairs, student_steps=2, teacher_steps=4,
+                          grid="teacher", **kw))  # fmt: skip
+    other = tmp_path / "other.safetensors"
+    big = StainDiffuser(preset("tiny", image_size=64))
+    save_checkpoint(other, big, ema_state=big.state_dict())
+    with pytest.raises(ValueError, match="not the teacher's architecture"):
+        list(iter_distill(half, more, pairs, student_steps=2, teacher_steps=4, grid="teacher",
+                          init_student=other, **kw))  # fmt: skip
+
+
+def test_custom_timesteps_are_checked():
+    schedule = make_schedule(_config())
+    smp = DDIMSampler(schedule, 3, spacing="custom", timesteps=[900, 500, 10])
+    assert smp.timesteps.tolist() == [900, 500, 10]
+    for bad in ([500, 900, 10], [1000, 500, 10], [900, 500], [9.5, 5.0, 1.0]):
+        with pytest.raises(ValueError):
+            DDIMSampler(schedule, 3, spacing="custom", timesteps=bad)
+    with pytest.raises(ValueError, match="only with it"):
+        DDIMSampler(schedule, 3, timesteps=[900, 500, 10])
+    with pytest.raises(ValueError, match="only with it"):
+        DDIMSampler(schedule, 3, spacing="custom")
 
 
 def test_half_precision_student_loads(teacher_path, pairs, tmp_path):

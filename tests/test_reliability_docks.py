@@ -14,18 +14,10 @@ import pytest
 from napari_staindiffuser._widgets import _mask_dock, _stain_dock, _train_dock
 from napari_staindiffuser._widgets._stain_dock import REGION_WHOLE
 
-from conftest import untrained_model
+from conftest import viewer_with_pair
 
 MPP = 1.0
 TIMEOUT = 240_000  # generous: CI machines are slow and shared
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from napari_staindiffuser.model.checkpoint import save_checkpoint
-
-    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
-    return save_checkpoint(path, untrained_model(32), provenance={"steps": 0})
 
 
 @pytest.fixture(scope="module")
@@ -152,10 +144,7 @@ def test_training_stop_at_a_random_step_leaves_a_loadable_checkpoint(
 
     errors: list[str] = []
     monkeypatch.setattr(_train_dock, "notify_error", lambda e, a: errors.append(f"{a}: {e}"))
-    viewer = make_napari_viewer(show=True)
-    kw = {"rgb": True, "scale": (MPP, MPP), "units": "um"}
-    viewer.add_image(region.he, name="H&E", **kw)
-    viewer.add_image(region.ihc["CD3"], name="CD3 IHC", **kw)
+    viewer = viewer_with_pair(make_napari_viewer, region, MPP)
     viewer.add_shapes([np.array([[4, 4], [124, 124]])], shape_type="rectangle", name="r")
     widget = _train_dock.TrainWidget(viewer)
     viewer.window.add_dock_widget(widget)

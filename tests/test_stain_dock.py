@@ -11,19 +11,8 @@ import pytest
 from napari_staindiffuser._widgets import _stain_dock
 from napari_staindiffuser._widgets._stain_dock import REGION_FOV, REGION_SHAPES, REGION_WHOLE
 
-from conftest import untrained_model
-
 MPP = 1.0  # the tiny preset's µm/px
 TIMEOUT = 60_000
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from napari_staindiffuser.model.checkpoint import save_checkpoint
-
-    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
-    save_checkpoint(path, untrained_model(32), provenance={"steps": 0, "data": "untrained"})
-    return path
 
 
 @pytest.fixture(scope="module")

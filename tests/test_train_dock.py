@@ -21,14 +21,6 @@ def pair():
     return region.he, region.ihc["CD3"]
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from napari_staindiffuser.model.checkpoint import save_checkpoint
-
-    path = tmp_path_factory.mktemp("start") / "tiny.safetensors"
-    return save_checkpoint(path, untrained_model(32), provenance={"steps": 0})
-
-
 @pytest.fixture
 def dock(make_napari_viewer, pair, tiny_ckpt, tmp_path, monkeypatch):
     errors: list[str] = []

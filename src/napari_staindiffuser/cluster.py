@@ -34,22 +34,22 @@ from typing import Any
 
 import numpy as np
 
+from .assemble import _Assembler, _Geometry
 from .events import Event, JobError, Progress
 from .inference import (
     MIN_REGION_MODEL_PX,
     DiffusionTileModel,
     StainResult,
-    _alloc,
-    _assemble,
     _BatchDone,
     _check_image,
     _eta,
-    _Geometry,
+    _finish,
     _iter_batch,
+    _open_outputs,
+    _prepare_out,
     _stitch,
     plan_grid,
 )
-from .ome_tiff import write_stain_outputs
 from .tiling import Stitcher
 
 __all__ = ["WorkerTaskError", "iter_stain_distributed", "preload_model", "stain_region_distributed"]
@@ -334,7 +334,8 @@ def iter_stain_distributed(
     precision: str = "fp32",
     torch_threads: int | None = None,
     out_path: str | os.PathLike | None = None,
-    memmap_bytes: int = 256 << 20,
+    stem: str | None = None,
+    metadata: dict | None = None,
     timeout: float = 10.0,
     cluster_kwargs: dict | None = None,
 ) -> Iterator[Event]:
@@ -360,16 +361,16 @@ def iter_stain_distributed(
         ``staindiffuser stain``), level 0 when the pixel size is unknown.
     mpp : float, optional
         µm/px of level 0 of a path (overrides the file's) or of an array.
-    stains, sampler, steps, seed, tile, overlap, batch, samples, aux, memmap_bytes
+    stains, sampler, steps, seed, tile, overlap, batch, samples, aux
         As :func:`inference.iter_stain`; one task stains one batch of ``batch`` tiles.
+    out_path, stem, metadata
+        As :func:`inference.iter_stain` (``stem`` default: the slide file's, else "image"):
+        the result streams, band by band, to temporary files in ``out_path`` that become the
+        pyramidal OME-TIFFs; nothing is written when the run is cancelled or fails.
     device, precision : str
         Resolved on each worker ("auto": its GPU if it has one), as for ``iter_stain``.
     torch_threads : int, optional
         torch threads per worker process; default the worker's number of threads.
-    out_path : path, optional
-        A folder: the virtual stains and masks (and uncertainty maps) are written there as
-        pyramidal OME-TIFFs (``<stem>_virtual-<stain>.ome.tif``, ...) before the StainResult
-        is yielded; nothing is written when the run is cancelled or fails.
     cluster_kwargs : dict, optional
         More keyword arguments for ``LocalCluster`` (e.g. ``dashboard_address=":8787"``).
 
@@ -425,11 +426,7 @@ def iter_stain_distributed(
             f"a side ({MIN_REGION_MODEL_PX * head.mpp:g} um)"
         )
     geo = _Geometry(ry, rx, rh, rw, grid.height, grid.width, image_mpp or head.mpp)
-    out_dir = None
-    if out_path is not None:  # a read-only or full disk fails now, not after the staining
-        from .outputs import prepare_output_dir
-
-        out_dir = prepare_output_dir(out_path)
+    out_dir = _prepare_out(out_path)  # a read-only or full disk fails now, not at the end
     spec = _ModelSpec(
         str(model_path), model_hash(model_path), head.sampler, head.steps, bool(aux),
         str(device), str(precision), torch_threads, os.getpid(),
@@ -437,23 +434,22 @@ def iter_stain_distributed(
     tiles = grid.tiles
     total = len(tiles)
     batches = [tiles[b0 : b0 + batch] for b0 in range(0, total, batch)]
-    n = len(stains)
-    chans = n * (3 + 1 + (1 if samples > 1 else 0))
 
     yield Progress(0, total, stage="cluster")
     t0 = time.perf_counter()
     client, cluster, where = _connect(
         address, n_workers, threads_per_worker, processes, timeout, cluster_kwargs
     )
-    tmp: list = []
+    sink = None
     pending: dict = {}  # future -> batch index
     try:
         from distributed import as_completed
 
         if not isinstance(src, _FileSource):
             src = client.scatter(src, broadcast=True, hash=False)
-        out = _alloc((grid.height, grid.width, chans), memmap_bytes, tmp)
-        stitcher = Stitcher(grid, chans, out=out)
+        sink = _open_outputs(out_dir, geo, stains, samples)
+        asm = _Assembler(head, stains, geo, samples, sink)
+        stitcher = Stitcher(grid, asm.shape[2], out=asm)
         run_id = uuid.uuid4().hex[:8]
         ac = as_completed(loop=client.loop)
         submitted = 0
@@ -475,7 +471,6 @@ def iter_stain_distributed(
         ready: dict[int, _BatchDone] = {}
         described: dict = {}
         nxt = finished = done = 0
-        dab_stains: frozenset[str] = frozenset()
         for fut in ac:
             i = pending.pop(fut)
             try:
@@ -495,15 +490,12 @@ def iter_stain_distributed(
             while nxt in ready:  # stitch in grid order (as iter_stain: same sums, same output)
                 res = ready.pop(nxt)
                 nxt += 1
-                dab_stains = res.dab_stains
+                asm.dab_stains = res.dab_stains
                 eta_s = _eta(t0, finished, total)  # from the tiles sampled so far
                 yield from _stitch(stitcher, res, done, total, lambda _, e=eta_s: e)
                 done += len(res.tiles)
             submit_more()
-        images, masks, scores, unc = _assemble(
-            stitcher.finish(), head, stains, dab_stains, geo, samples
-        )
-        del out, stitcher
+        stitcher.finish()
         provenance = {
             **described,  # a worker's DiffusionTileModel: sampler, steps, precision, device...
             "model": model_path.name,
@@ -525,11 +517,10 @@ def iter_stain_distributed(
         }
         if isinstance(src, _FileSource):
             provenance["source"] = src.path
-        result = StainResult(images, masks, scores, unc, (ry, rx, rh, rw), provenance)
-        if out_dir is not None:
+        provenance.update(metadata or {})
+        if stem is None:
             stem = Path(src.path).stem if isinstance(src, _FileSource) else "image"
-            provenance["files"] = write_stain_outputs(result, out_dir, stem, image_mpp)
-        yield result
+        yield _finish(asm, sink, geo, provenance, stem, image_mpp)
     finally:  # errors while cleaning up must not hide the one that got us here
         with contextlib.suppress(Exception):
             if pending:
@@ -540,8 +531,8 @@ def iter_stain_distributed(
         if cluster is not None:
             with contextlib.suppress(Exception):
                 cluster.close()
-        if tmp:
-            tmp[0].cleanup()
+        if out_dir is not None and sink is not None:
+            sink.close()
 
 
 def preload_model(

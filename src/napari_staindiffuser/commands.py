@@ -95,6 +95,25 @@ def level_region(region, shape0, shape) -> tuple[int, int, int, int]:
     return y0, x0, max(1, y1 - y0), max(1, x1 - x0)
 
 
+#: ``staindiffuser stain`` streams regions larger than this many pixels (at the level used) to disk
+#: instead of holding the result in memory (``run_stain(stream=None)``)
+STREAM_PIXELS = 4096 * 4096
+
+
+def _file_preview(path: str, max_side: int) -> np.ndarray:
+    """The coarsest pyramid level of an OME-TIFF written here whose longer side is still
+    >= ``max_side`` (level 0 if none is): a preview panel without reading level 0."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        levels = tf.series[0].levels
+        pick = levels[0]
+        for lvl in levels[1:]:
+            if max(lvl.shape[:2]) >= max_side:
+                pick = lvl
+        return pick.asarray()
+
+
 def run_stain(
     slide_path: str | Path,
     *,
@@ -116,12 +135,17 @@ def run_stain(
     workers: int | None = None,
     scheduler: str | None = None,
     threads_per_worker: int = 1,
+    stream: bool | None = None,
 ) -> dict:
     """Stain a region of a slide file (or of ``image``, a Slide) and write OME-TIFFs + preview.
 
     ``precision``, ``compile`` and ``batch="auto"``: see :func:`inference.iter_stain`.
     ``workers`` (a LocalCluster of that many processes) or ``scheduler`` (an existing dask
-    cluster's address): stain on dask workers, :func:`cluster.iter_stain_distributed`."""
+    cluster's address): stain on dask workers, :func:`cluster.iter_stain_distributed`.
+    ``stream``: stream the result band by band to disk (``iter_stain(out_path=...)``: memory
+    does not grow with the region; the same pixels) instead of holding it in memory; None:
+    for regions over :data:`STREAM_PIXELS`. A streamed run's preview is made from the files'
+    reduced levels and its ``result`` holds lazy views of the files."""
     from .events import Progress
     from .inference import StainResult, TileStained, iter_stain
     from .io import open_slide
@@ -163,6 +187,19 @@ def run_stain(
     )
     bar = None
     result = None
+    stem = Path(slide_path).stem if slide_path else "image"
+    extra = {
+        "model_file": model_path.name,
+        "model_sha256": model_hash(model_path),
+        "source": str(slide_path),
+        "level": level,
+        "region_level0_xywh": list(region) if region else None,
+    }
+    if stream is None:
+        stream = reg[2] * reg[3] > STREAM_PIXELS
+    streamed = {"out_path": out, "stem": stem, "metadata": extra} if stream else {}
+    if stream:
+        log(f"streaming the result to {out} (region of {reg[2] * reg[3] / 1e6:.0f} Mpx)")
     if workers or scheduler:
         from .cluster import iter_stain_distributed
 
@@ -173,7 +210,7 @@ def run_stain(
             slide, model_path, reg, scheduler=scheduler, n_workers=workers or 1,
             threads_per_worker=threads_per_worker, level=level, stains=stains, sampler=sampler,
             steps=steps, seed=seed, batch=batch, samples=samples, device=device,
-            precision=precision,
+            precision=precision, **streamed,
         )  # fmt: skip
     else:
         events = iter_stain(
@@ -190,6 +227,7 @@ def run_stain(
             device=str(dev),
             precision=prec,
             compile=compile,
+            **streamed,
         )
     for ev in events:
         if isinstance(ev, TileStained):
@@ -202,20 +240,22 @@ def run_stain(
             result = ev
     if bar is not None:
         bar.close()
-    stem = Path(slide_path).stem if slide_path else "image"
-    prov = {
-        **result.provenance,
-        "model_file": model_path.name,
-        "model_sha256": model_hash(model_path),
-        "source": str(slide_path),
-        "level": level,
-        "region_level0_xywh": list(region) if region else None,
-    }
-    written = write_stain_outputs(result, out, stem, level_mpp, provenance=prov)
     y, x, h, w = reg
-    panels = [("H&E", np.asarray(img[y : y + h, x : x + w]))]
-    for stain, rgb in result.images.items():
-        panels += [(f"virtual {stain}", rgb), (f"{stain} mask", result.masks[stain])]
+    if stream:  # files written by the run; preview from their reduced levels, H&E strided
+        prov = {k: v for k, v in result.provenance.items() if k != "files"}
+        written = result.provenance["files"]
+        s = max(1, max(h, w) // 768)
+        panels = [("H&E", np.asarray(img[y : y + h : s, x : x + w : s]))]
+        for stain, files in written.items():
+            mask = _file_preview(files["mask"], 768).astype(bool)
+            panels += [(f"virtual {stain}", _file_preview(files["virtual"], 768))]
+            panels += [(f"{stain} mask", mask)]
+    else:
+        prov = {**result.provenance, **extra}
+        written = write_stain_outputs(result, out, stem, level_mpp, provenance=prov)
+        panels = [("H&E", np.asarray(img[y : y + h, x : x + w]))]
+        for stain, rgb in result.images.items():
+            panels += [(f"virtual {stain}", rgb), (f"{stain} mask", result.masks[stain])]
     preview = preview_png(out / f"{stem}_preview.png", panels)
     write_text_atomic(out / f"{stem}_provenance.json", json.dumps(prov, indent=2, default=str))
     log(f"preview: {preview}")
@@ -261,6 +301,7 @@ def cmd_stain(args: argparse.Namespace) -> int:
         workers=args.workers,
         scheduler=args.scheduler,
         threads_per_worker=args.threads or 1,
+        stream=args.stream,
     )
     return 0
 
@@ -419,6 +460,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         source,
         student_steps=args.steps,
         teacher_steps=args.teacher_steps,
+        grid=args.grid,
+        init_student=args.init_student,
         steps_per_stage=per_stage[0] if len(per_stage) == 1 else per_stage,
         batch_size=args.batch,
         lr=args.lr,
@@ -495,6 +538,12 @@ def add_commands(sub) -> None:
         "--scheduler",
         help="stain on an existing dask cluster: its scheduler address, e.g. tcp://host:8786",
     )
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        help="stream the result band by band to disk (memory does not grow with the region) or "
+        f"hold it in memory; default: stream regions over {STREAM_PIXELS / 1e6:.1f} Mpx",
+    )
     p.set_defaults(func=cmd_stain)
 
     p = sub.add_parser("synth", help="write SYNTHETIC paired patches (a training folder)")
@@ -540,6 +589,16 @@ def add_commands(sub) -> None:
     p.add_argument("--steps", type=int, default=4, help="DDIM steps of the final student")
     p.add_argument(
         "--teacher-steps", type=int, default=16, help="DDIM steps of the teacher (steps x 2^k)"
+    )
+    p.add_argument(
+        "--grid",
+        choices=["karras", "trailing", "teacher"],
+        default="karras",
+        help="the teacher's DDIM timestep grid (karras: at parity with DDPM; the default; "
+        "teacher: a distilled teacher's own grid)",
+    )
+    p.add_argument(
+        "--init-student", help="start from this student instead of the teacher (continue a stage)"
     )
     p.add_argument(
         "--steps-per-stage", default="1000", help="optimisation steps per halving (or a,b,...)"

@@ -6,10 +6,12 @@ student 8 -> student 4 -> ... Every branch is distilled (each stain's generation
 UNet and the shared H&E encoder), each with the target computed from its own teacher branch.
 
 Target (Salimans & Ho 2022, Algorithm 2, with the discrete grids of ``diffusion.samplers``):
-with ``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``, the student grid of ``N`` points is
-``make_timesteps("trailing", T, N)`` and the teacher grid of ``2N`` points has the student grid
-as its even points (checked at run time). For a student step ``t -> t''`` (``abar'' = 1`` after
-the last grid point) and the teacher's midpoint ``t'``:
+with ``alpha = sqrt(abar)``, ``sigma = sqrt(1 - abar)``, the original teacher samples on a grid
+of ``teacher_steps`` points (``grid="trailing"``: ``make_timesteps("trailing", T, n)``;
+``grid="karras"``: ``karras_timesteps``, the grid at which few-step DDIM is at parity with DDPM);
+the stage with ``N`` student steps uses every ``teacher_steps / N``-th point of it, so the
+teacher grid of ``2N`` points has the student grid as its even points. For a student step
+``t -> t''`` (``abar'' = 1`` after the last grid point) and the teacher's midpoint ``t'``:
 
 1. ``z_t = alpha_t x + sigma_t eps`` (``x`` a training target: IHC or mask);
 2. ``z_t'`` and ``z_t''``: two teacher DDIM steps (eta 0, ``x0`` clamped to [-1, 1] as the
@@ -20,8 +22,9 @@ the last grid point) and the teacher's midpoint ``t'``:
    the ``x0`` error weighted by ``1 + SNR`` (the paper's "SNR+1" weighting).
 
 The distilled checkpoint records the sampler it was distilled for in its provenance
-(``{"sampling": {"sampler": "ddim", "steps": N, "spacing": "trailing"}}``); sampling code uses
-it as the default (:func:`napari_staindiffuser.sampling.resolve_sampling`).
+(``{"sampling": {"sampler": "ddim", "steps": N, "spacing": "trailing"}}``, or for a Karras
+teacher grid ``"spacing": "custom"`` with the explicit ``"timesteps"``); sampling code uses it as
+the default (:func:`napari_staindiffuser.sampling.resolve_sampling`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .diffusion import NoiseSchedule, make_timesteps
+from .diffusion import NoiseSchedule, custom_timesteps, karras_timesteps, make_timesteps
 from .events import CheckpointSaved, Event, Finished, TrainStep, Validation
 from .model import Branch, StainDiffuser
 from .model.checkpoint import load_checkpoint, model_hash, save_checkpoint
@@ -53,8 +56,10 @@ from .training import (
 )
 
 __all__ = [
+    "GRIDS",
     "SPACING",
     "distill",
+    "distill_grid",
     "distill_losses",
     "distill_target",
     "iter_distill",
@@ -62,7 +67,8 @@ __all__ = [
     "teacher_grid",
 ]
 
-SPACING = "trailing"  # the grid the student is distilled for (and sampled with)
+SPACING = "trailing"  # the default grid (the student is distilled for it and sampled with it)
+GRIDS = ("karras", "trailing", "teacher")  # "teacher": a distilled teacher's own recorded grid
 
 
 def stage_plan(teacher_steps: int, student_steps: int) -> list[int]:
@@ -85,30 +91,64 @@ def stage_plan(teacher_steps: int, student_steps: int) -> list[int]:
     return plan
 
 
-def teacher_grid(schedule: NoiseSchedule, student_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def distill_grid(
+    schedule: NoiseSchedule, grid: str | Sequence[int], teacher_steps: int
+) -> torch.Tensor:
+    """The original teacher's DDIM grid of ``teacher_steps`` points (each stage's grids are
+    every k-th point of it): ``"trailing"``, ``"karras"`` or an explicit grid (a distilled
+    teacher's own; see :func:`teacher_grid`)."""
+    if not isinstance(grid, str):
+        return custom_timesteps(grid, schedule.num_train_timesteps, teacher_steps)
+    if grid == "trailing":
+        return make_timesteps(SPACING, schedule.num_train_timesteps, teacher_steps)
+    if grid == "karras":
+        return karras_timesteps(schedule.alphas_cumprod, teacher_steps)
+    raise ValueError(f"grid must be one of {GRIDS}; got {grid!r}")
+
+
+def teacher_grid(
+    schedule: NoiseSchedule,
+    student_steps: int,
+    *,
+    grid: str | Sequence[int] = SPACING,
+    teacher_steps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Timesteps and ``abar`` of the teacher's 2N-point DDIM grid (the student's: its even points).
+
+    ``grid="trailing"`` (default): ``make_timesteps("trailing", T, 2N)``, whose even points are
+    the trailing N grid (checked). ``grid="karras"``: every ``teacher_steps / (2N)``-th point of
+    the ``teacher_steps``-point Karras grid (``teacher_steps`` needed, a multiple of 2N). A
+    sequence of ``teacher_steps`` timesteps: every ``teacher_steps / (2N)``-th point of it.
 
     Returns
     -------
     t : LongTensor (2N,)
-        ``make_timesteps(SPACING, T, 2N)``; ``t[::2]`` equals ``make_timesteps(SPACING, T, N)``,
-        where the student is evaluated (checked).
+        The teacher's grid; ``t[::2]`` is the student's.
     abar : float64 tensor (2N + 1,)
         ``abar`` at ``t``, then ``1.0`` (the clean sample the last step reaches).
 
     Raises
     ------
     ValueError
-        If the even points of the 2N grid are not the N grid (cannot happen for "trailing").
+        Unknown grid, ``teacher_steps`` missing or not a multiple of 2N, or (trailing) grids
+        that do not nest.
     """
     T = schedule.num_train_timesteps
-    t2 = make_timesteps(SPACING, T, 2 * student_steps)
-    s = make_timesteps(SPACING, T, student_steps)
-    if not torch.equal(t2[::2], s):
-        raise ValueError(
-            f"the {2 * student_steps}-step grid does not contain the {student_steps}-step grid "
-            f"({t2.tolist()} vs {s.tolist()}); progressive distillation needs nested grids"
-        )
+    if isinstance(grid, str) and grid == SPACING:
+        t2 = make_timesteps(SPACING, T, 2 * student_steps)
+        s = make_timesteps(SPACING, T, student_steps)
+        if not torch.equal(t2[::2], s):
+            raise ValueError(
+                f"the {2 * student_steps}-step grid does not contain the {student_steps}-step "
+                f"grid ({t2.tolist()} vs {s.tolist()}); progressive distillation needs nested grids"
+            )
+    else:
+        if teacher_steps is None or teacher_steps % (2 * student_steps):
+            raise ValueError(
+                f"the {grid!r} grid needs teacher_steps, a multiple of 2 * {student_steps}; got "
+                f"{teacher_steps!r}"
+            )
+        t2 = distill_grid(schedule, grid, teacher_steps)[:: teacher_steps // (2 * student_steps)]
     abar = schedule.alphas_cumprod.detach().cpu()
     return t2, torch.cat([abar[t2], torch.ones(1, dtype=torch.float64)])
 
@@ -165,12 +205,15 @@ def distill_losses(
     student_steps: int,
     batch: dict[str, torch.Tensor],
     generator: torch.Generator,
+    *,
+    grid: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation loss of one batch, every branch with its own teacher target.
 
     Like :func:`napari_staindiffuser.training.diffusion_losses` (same batch layout, same
     per-stain loss weights, each sample trains its own stain's branches), but the target is two
-    teacher DDIM steps on the ``2 * student_steps`` grid (see the module docstring).
+    teacher DDIM steps on the ``2 * student_steps`` grid (see the module docstring): ``grid``,
+    :func:`teacher_grid`'s result (default: the trailing grid).
 
     Returns
     -------
@@ -182,7 +225,9 @@ def distill_losses(
         raise ValueError(f"distillation supports multitask models; got {cfg.variant.value!r}")
     he, stain = batch["he"], batch["stain"]
     b, dev = he.shape[0], he.device
-    t2, abar2 = teacher_grid(schedule, student_steps)
+    t2, abar2 = teacher_grid(schedule, student_steps) if grid is None else grid
+    if len(t2) != 2 * student_steps:
+        raise ValueError(f"grid has {len(t2)} points; need 2 * student_steps = {2 * student_steps}")
     tasks = [(Branch.GEN, batch["ihc"], torch.tensor(cfg.lambda_gen, device=dev)[stain])]
     if student.aux is not None:
         if "aux" not in batch:
@@ -223,7 +268,7 @@ def distill_losses(
 
 
 def _validate(student, shadow, teacher, schedule, n, val_source, at, *, seed, batch_size,
-              val_batches, batch_kw) -> Validation:  # fmt: skip
+              val_batches, batch_kw, grid) -> Validation:  # fmt: skip
     """Distillation loss of the EMA student on fixed held-out batches."""
     dev = next(student.parameters()).device
     ev_model = copy.deepcopy(student).eval()
@@ -236,7 +281,7 @@ def _validate(student, shadow, teacher, schedule, n, val_source, at, *, seed, ba
             batch = make_batch([val_source[int(i)] for i in idx], **batch_kw)
             gen = torch.Generator().manual_seed(_step_seed(seed, j, 7))
             total, parts = distill_losses(
-                ev_model, teacher, schedule, n, _to_tensors(batch, dev), gen
+                ev_model, teacher, schedule, n, _to_tensors(batch, dev), gen, grid=grid
             )
             sums.setdefault("total", []).append(float(total))
             for key, v in parts.items():
@@ -246,6 +291,13 @@ def _validate(student, shadow, teacher, schedule, n, val_source, at, *, seed, ba
     return Validation(step=at, losses=losses)
 
 
+def _sampling_record(timesteps: torch.Tensor, n: int, grid) -> dict[str, Any]:
+    """The provenance ``sampling`` entry of an ``n``-step student (its default sampler)."""
+    if isinstance(grid, str) and grid == SPACING:
+        return {"sampler": "ddim", "steps": n, "spacing": SPACING}
+    return {"sampler": "ddim", "steps": n, "spacing": "custom", "timesteps": timesteps.tolist()}
+
+
 def iter_distill(
     teacher_checkpoint: str | Path,
     out: str | Path,
@@ -253,6 +305,8 @@ def iter_distill(
     *,
     student_steps: int = 4,
     teacher_steps: int = 16,
+    grid: str = "karras",
+    init_student: str | Path | None = None,
     steps_per_stage: int | Sequence[int] = 1000,
     batch_size: int = 16,
     lr: float = 1e-4,
@@ -282,6 +336,17 @@ def iter_distill(
     ----------
     teacher_checkpoint : path
         A v- or epsilon-prediction multitask checkpoint (EMA weights are used).
+    grid : {"karras", "trailing", "teacher"}
+        The original teacher's DDIM grid of ``teacher_steps`` points; each stage samples every
+        k-th point of it (:func:`teacher_grid`). "karras" is the grid at which few-step DDIM is
+        at parity with DDPM (docs/performance.md); its students record their explicit grid
+        (``spacing="custom"``). "teacher": the teacher checkpoint's own recorded grid (to
+        distil a distilled student further).
+    init_student : path, optional
+        Start the first stage's student from this checkpoint's EMA weights instead of the
+        teacher's (same architecture): to continue a stage that was cut short or needs more
+        steps, e.g. teacher ``student-8step`` with ``grid="teacher"`` and ``init_student`` the
+        4-step student of that stage.
     out : path
         The final student (``.safetensors``). Earlier stages are written beside it as
         ``<stem>-<N>step.safetensors``. Inference-only (EMA weights, no optimizer state),
@@ -332,8 +397,18 @@ def iter_distill(
     if isinstance(val_source, InMemoryPairs):
         val_source = val_source.resized(config.image_size)
     schedule = make_schedule(config)
-    for n in plan:
-        teacher_grid(schedule, n)  # fail early on non-nested grids
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}; got {grid!r}")
+    base: str | list[int] = grid
+    if grid == "teacher":  # continue from a distilled checkpoint: on its own grid
+        own = ckpt.provenance.get("sampling") or {}
+        if own.get("steps") != teacher_steps or not (own.get("timesteps") or own.get("spacing")):
+            raise ValueError(
+                f"grid 'teacher' needs a distilled teacher with its own {teacher_steps}-step grid; "
+                f"{Path(teacher_checkpoint).name} records {own or 'none'}"
+            )
+        base = own.get("timesteps") or str(own["spacing"])
+    grids = {n: teacher_grid(schedule, n, grid=base, teacher_steps=teacher_steps) for n in plan}
     batch_kw = dict(
         image_size=config.image_size,
         stains=config.stains,
@@ -341,6 +416,15 @@ def iter_distill(
         distance_max=config.distance_max if config.aux_target.value == "distance" else None,
     )
     teacher: StainDiffuser = ckpt.model.to(dev).eval().requires_grad_(False)
+    init_state = None
+    if init_student is not None:
+        init = load_checkpoint(init_student, weights="ema")
+        if init.config != config:
+            raise ValueError(
+                f"init_student {Path(init_student).name} is not the teacher's architecture: "
+                f"{init.config} vs {config}"
+            )
+        init_state = init.model.state_dict()
     prov_base: dict[str, Any] = {
         **{k: v for k, v in ckpt.provenance.items() if k not in ("sampling", "distillation")},
         "package_version": __version__,
@@ -349,7 +433,10 @@ def iter_distill(
         "method": "progressive distillation (Salimans & Ho 2022), DDIM eta 0, v-target",
         "teacher": Path(teacher_checkpoint).name,
         "teacher_sha256": model_hash(teacher_checkpoint),
+        **({"init_student": Path(init_student).name} if init_student is not None else {}),
         "teacher_steps": int(teacher_steps),
+        "grid": grid,
+        "teacher_grid": distill_grid(schedule, base, teacher_steps).tolist(),
         "stages": plan,
         "steps_per_stage": per_stage,
         "batch_size": batch_size,
@@ -377,7 +464,7 @@ def iter_distill(
         info = {**distill_info, "steps_done": steps_done}
         prov = {
             **prov_base,
-            "sampling": {"sampler": "ddim", "steps": n, "spacing": SPACING},
+            "sampling": _sampling_record(grids[n][0][::2], n, base),
             "distillation": {**info, "stopped": stopped},
             "weights": "ema",
         }
@@ -387,6 +474,8 @@ def iter_distill(
     try:
         for k, (n, n_steps) in enumerate(zip(plan, per_stage, strict=True)):
             student = copy.deepcopy(teacher).train().requires_grad_(True)
+            if k == 0 and init_state is not None:
+                student.load_state_dict(init_state)
             optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
             ema = EMA(student, ema_decay)
 
@@ -398,6 +487,7 @@ def iter_distill(
                 return _validate(
                     student, ema.shadow, teacher, schedule, n, val_source, at,
                     seed=seed, batch_size=batch_size, val_batches=val_batches, batch_kw=batch_kw,
+                    grid=grids[n],
                 )  # fmt: skip
 
             for j in range(n_steps):
@@ -415,7 +505,7 @@ def iter_distill(
                 for group in optimizer.param_groups:
                     group["lr"] = cur_lr
                 total, parts = distill_losses(
-                    student, teacher, schedule, n, _to_tensors(batch, dev), gen
+                    student, teacher, schedule, n, _to_tensors(batch, dev), gen, grid=grids[n]
                 )
                 if not torch.isfinite(total):
                     raise FloatingPointError(

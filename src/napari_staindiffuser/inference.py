@@ -12,21 +12,24 @@ tile; the stitched output is mapped back onto the input's pixel grid, so the vir
 up with the H&E pixel for pixel (up to the resampling, well under one input pixel).
 
 Memory is bounded by the batch and the blending band, not by the region: only ``batch`` tiles are
-in flight, the stitcher keeps one tile-row band, and outputs larger than ``memmap_bytes`` live in
-memory-mapped temporary files.
+in flight, the stitcher keeps one tile-row band, and its finished rows are resampled onto the
+input grid band by band (``assemble._Assembler``) into the result: arrays in memory, or, with
+``out_path``, temporary files that become the OME-TIFFs (slide-scale regions).
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from .assemble import _Assembler, _dab_mask, _dab_masks, _Geometry, _MemoryOutputs, _to_uint8
 from .events import Event, Progress
 from .tiling import Stitcher, Tile, TileGrid, tile_rng_seed
 
@@ -72,6 +75,10 @@ class StainResult(Event):
     region : (y, x, h, w) in input pixels.
     provenance : dict: model, sampler, steps, seed, region, scale, ... (for layer metadata and
         OME-TIFF provenance).
+
+    A run streamed to disk (``iter_stain(out_path=...)``) holds ``images`` and ``masks`` as
+    lazy dask arrays over the OME-TIFFs it wrote, no scores or uncertainty, and the files in
+    ``provenance["files"]`` (stain -> kind -> path).
     """
 
     images: dict[str, np.ndarray]
@@ -126,7 +133,8 @@ class DiffusionTileModel:
         """``precision``: the network's autocast ("auto", "fp32", "bf16", "fp16";
         ``runtime.resolve_precision``). ``compile``: ``torch.compile`` the network (falls back to
         eager with a warning if that fails). ``channels_last``: convert the model's weights to
-        the channels-last memory format (in place; None: on CUDA only)."""
+        the channels-last memory format (in place; None: off, as it measured slower on an H200
+        for the paper preset under bf16, 95 vs 125 TFLOP/s: docs/performance.md)."""
         import torch
 
         from .runtime import CompiledModel, resolve_precision
@@ -143,7 +151,7 @@ class DiffusionTileModel:
         self.sampler, self.steps, self.aux, self.eta, self.name = sampler, steps, aux, eta, name
         self.device = next(model.parameters()).device
         self.precision = resolve_precision(precision, self.device)
-        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.channels_last = bool(channels_last)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self._net = CompiledModel(model) if compile else model
@@ -190,7 +198,13 @@ class DiffusionTileModel:
         return score > 0.5
 
     def describe(self) -> dict[str, Any]:
+        grid = {}
+        if self.spacing == "custom":  # a distilled model's own grid: record it
+            from .sampling import model_timesteps
+
+            grid["timesteps"] = model_timesteps(self.model, str(self.sampler), self.steps)
         return {
+            **grid,
             "model": self.name,
             "sampler": str(getattr(self.sampler, "value", self.sampler)),
             "steps": self.steps,
@@ -263,18 +277,6 @@ def _resize_to(a: np.ndarray, shape: tuple[int, int], order: int = 1) -> np.ndar
     return resize(a, shape, order=order, anti_aliasing=order > 0, preserve_range=True).astype(
         a.dtype
     )
-
-
-def _alloc(shape: tuple[int, ...], memmap_bytes: int, tmpdir: list) -> np.ndarray:
-    if int(np.prod(shape)) * 4 <= memmap_bytes:
-        return np.zeros(shape, np.float32)
-    if not tmpdir:
-        tmpdir.append(
-            tempfile.TemporaryDirectory(prefix="staindiffuser-", ignore_cleanup_errors=True)
-        )
-    path = f"{tmpdir[0].name}/out{len(tmpdir)}.f32"
-    tmpdir.append(path)
-    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
 
 
 #: regions smaller than this many model pixels a side are refused (a cell is ~8 px at 1 um/px)
@@ -416,10 +418,12 @@ def iter_stain(
     samples: int = 1,
     image_mpp: float | None = None,
     aux: bool = True,
-    memmap_bytes: int = 256 << 20,
     precision: str = "fp32",
     compile: bool = False,
     threads: int | None = None,
+    out_path: str | os.PathLike | None = None,
+    stem: str = "image",
+    metadata: dict[str, Any] | None = None,
 ) -> Iterator[Event]:
     """Stain a region of an H&E image tile by tile, yielding progress and every finished tile.
 
@@ -453,6 +457,18 @@ def iter_stain(
     threads : int, optional
         Set torch's CPU threads (``runtime.configure_threads``) before staining; None leaves
         them as they are.
+    out_path : path, optional
+        A folder: stream the result to disk instead of memory (slide-scale regions). Finished
+        rows go, band by band in grid order, to temporary files in a hidden folder inside
+        ``out_path``; at the end they are written as the pyramidal OME-TIFFs of
+        ``ome_tiff.write_stain_outputs`` (``<stem>_virtual-<stain>.ome.tif``, ``_mask-``,
+        ``_uncertainty-``; each atomic) and the temporary folder is removed (also on an error
+        or when the generator is closed early, which writes nothing). The pixels equal the
+        in-memory result's bit for bit. The StainResult then holds ``images`` and ``masks``
+        as lazy dask arrays over the written files, no scores or uncertainty (read the
+        files), and ``provenance["files"]``.
+    stem, metadata : with ``out_path``
+        File name stem, and extra provenance (merged into the result's and the files').
 
     Yields
     ------
@@ -508,17 +524,15 @@ def iter_stain(
         )
     geo = _Geometry(ry, rx, rh, rw, wh, ww, image_mpp or model.mpp)
 
-    n = len(stains)
-    chans = n * (3 + 1 + (1 if samples > 1 else 0))
-    tmp: list = []
-    out = _alloc((wh, ww, chans), memmap_bytes, tmp)
-    stitcher = Stitcher(grid, chans, out=out)
+    out_dir = _prepare_out(out_path)  # a read-only or full disk fails now, not at the end
     tiles = grid.tiles
     total = len(tiles)
     done = 0
-    dab_stains: frozenset[str] = frozenset()
     t0 = time.perf_counter()
+    sink = _open_outputs(out_dir, geo, stains, samples)
     try:
+        asm = _Assembler(model, stains, geo, samples, sink)
+        stitcher = Stitcher(grid, asm.shape[2], out=asm)
         batch_asked = batch
         if batch == "auto":
             batch = auto_batch(model, stains, total)
@@ -539,12 +553,10 @@ def iter_stain(
                 yield Progress(done, total, stage=stage, eta_s=_eta(t0, done, total))
                 continue
             b0 += len(chunk)
-            dab_stains = finished.dab_stains
+            asm.dab_stains = finished.dab_stains
             yield from _stitch(stitcher, finished, done, total, lambda d: _eta(t0, d, total))
             done += len(finished.tiles)
-        images, masks, scores, unc = _assemble(
-            stitcher.finish(), model, stains, dab_stains, geo, samples
-        )
+        stitcher.finish()
         provenance = {
             **model.describe(),
             "stains": stains,
@@ -560,38 +572,16 @@ def iter_stain(
             "batch": batch,
             "batch_requested": batch_asked,
             "seconds": round(time.perf_counter() - t0, 3),
+            **(metadata or {}),
         }
-        yield StainResult(images, masks, scores, unc, (ry, rx, rh, rw), provenance)
+        yield _finish(asm, sink, geo, provenance, stem, image_mpp)
     finally:
-        del out, stitcher
-        if tmp:
-            tmp[0].cleanup()
+        if out_dir is not None:
+            sink.close()
 
 
 # Per-batch pieces of iter_stain, shared with cluster.py (whose dask workers run _iter_batch), so
 # that both compute the same numbers for the same tiles and seed.
-
-
-@dataclass(frozen=True)
-class _Geometry:
-    """A region of the input (y, x, h, w in input px), its working size (model px) and the
-    output µm/px (the input's, else the model's)."""
-
-    ry: int
-    rx: int
-    rh: int
-    rw: int
-    wh: int
-    ww: int
-    out_mpp: float
-
-    @property
-    def sy(self) -> float:  # exact input px per working px along y
-        return self.rh / self.wh
-
-    @property
-    def sx(self) -> float:
-        return self.rw / self.ww
 
 
 @dataclass(frozen=True)
@@ -669,24 +659,39 @@ def _iter_batch(
     yield _BatchDone(done, dab_stains)
 
 
-def _assemble(full, model, stains, dab_stains, geo: _Geometry, samples: int):
-    """Stitched working-grid output ``full`` (wh, ww, C) -> (images, masks, scores,
-    uncertainty) dicts on the input's grid (the StainResult fields)."""
-    n, rh, rw = len(stains), geo.rh, geo.rw
-    images, masks, scores, unc = {}, {}, {}, {}
-    same = full.shape[:2] == (rh, rw)
-    for k, st in enumerate(stains):  # copies: `full` may be a temporary memmap
-        rgb = full[..., 3 * k : 3 * k + 3]
-        images[st] = _to_uint8(rgb if same else _resize_to(np.array(rgb), (rh, rw)))
-        sc = np.array(full[..., 3 * n + k], dtype=np.float32)
-        scores[st] = _resize_to(sc, (rh, rw))
-        if st in dab_stains:
-            masks[st] = _dab_mask(images[st], st, geo.out_mpp)
-        else:
-            masks[st] = _resize_to(model.decode_mask(st, sc), (rh, rw), order=0)
-        if samples > 1:
-            unc[st] = _resize_to(np.array(full[..., 4 * n + k]), (rh, rw))
-    return images, masks, scores, unc
+def _prepare_out(out_path) -> Path | None:
+    if out_path is None:
+        return None
+    from .outputs import prepare_output_dir
+
+    return prepare_output_dir(out_path)
+
+
+def _open_outputs(out_dir: Path | None, geo: _Geometry, stains: list[str], samples: int):
+    """Where the outputs go: the StainResult's arrays, or temporary files in ``out_dir``."""
+    if out_dir is None:
+        return _MemoryOutputs((geo.rh, geo.rw), stains, samples)
+    from .ome_tiff import StreamedStainOutputs
+
+    return StreamedStainOutputs(out_dir, (geo.rh, geo.rw), stains, samples > 1)
+
+
+def _finish(asm: _Assembler, sink, geo: _Geometry, provenance: dict, stem: str, file_mpp):
+    """The StainResult once every row is stitched: masks of stains without an auxiliary branch,
+    then, for a streamed run, the OME-TIFFs (``provenance["files"]``; result arrays: lazy views
+    of the files)."""
+    asm.close()
+    _dab_masks(sink, asm.dab_stains, geo.out_mpp)
+    region = (geo.ry, geo.rx, geo.rh, geo.rw)
+    if isinstance(sink, _MemoryOutputs):
+        return StainResult(sink.images, sink.masks, sink.scores, sink.uncertainty, region,
+                           provenance)  # fmt: skip
+    from .ome_tiff import open_level0
+
+    files = provenance["files"] = sink.write_files(stem, file_mpp, provenance)
+    images = {st: open_level0(f["virtual"]) for st, f in files.items()}
+    masks = {st: open_level0(f["mask"]).astype(bool) for st, f in files.items()}
+    return StainResult(images, masks, {}, {}, region, provenance)
 
 
 def _stitch(stitcher, batch: _BatchDone, done: int, total: int, eta) -> Iterator[TileStained]:
@@ -699,18 +704,6 @@ def _stitch(stitcher, batch: _BatchDone, done: int, total: int, eta) -> Iterator
                           eta_s=eta(done))  # fmt: skip
 
 
-def _dab_mask(rgb: np.ndarray, stain: str, mpp: float) -> np.ndarray:
-    """Positive cells from the DAB of a virtual IHC (models without an auxiliary branch): the
-    stain's coarse-mask preset (Otsu for stains without one), statistics of this image."""
-    from .stain import MaskPreset, ThresholdRule, coarse_mask, get_preset
-
-    try:
-        preset = get_preset(stain)
-    except ValueError:
-        preset = MaskPreset(name=stain, rule=ThresholdRule.OTSU)
-    return coarse_mask(rgb, preset.at_mpp(mpp))
-
-
 def _eta(t0: float, done: int, total: int) -> float | None:
     if done == 0:
         return None
@@ -721,15 +714,6 @@ def _box(t: Tile, sy: float, sx: float, rh: int, rw: int) -> tuple[int, int, int
     y0, x0 = round(t.y * sy), round(t.x * sx)
     y1, x1 = min(rh, round((t.y + t.size) * sy)), min(rw, round((t.x + t.size) * sx))
     return y0, x0, max(0, y1 - y0), max(0, x1 - x0)
-
-
-def _to_uint8(a: np.ndarray, rows: int = 256) -> np.ndarray:
-    """[0, 1] floats (numpy or memmap) -> uint8, ``rows`` at a time so that no full-size float
-    temporary is made."""
-    out = np.empty(a.shape, np.uint8)
-    for i in range(0, a.shape[0], rows):
-        out[i : i + rows] = np.clip(np.rint(np.asarray(a[i : i + rows]) * 255.0), 0, 255)
-    return out
 
 
 def _dab_score(images: np.ndarray) -> np.ndarray:

@@ -531,6 +531,32 @@ def ome_mpp(xml: str) -> float | None:
     return size * unit if unit is not None and math.isfinite(size) and size > 0 else None
 
 
+def ome_origin(xml: str) -> tuple[float, float, str] | None:
+    """``Plane/@PositionY``, ``@PositionX`` of the first OME image's first plane, as written by
+    :func:`write_ome_tiff` (``origin``): ``(y, x, "µm")`` for a length unit (converted to µm)
+    or ``(y, x, "pixel")``; None when absent, not finite or in another unit."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    plane = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Plane"), None)
+    if plane is None or plane.get("PositionX") is None or plane.get("PositionY") is None:
+        return None
+    out = []
+    for axis in "YX":
+        unit = plane.get(f"Position{axis}Unit", "µm")
+        scale = 1.0 if unit == "pixel" else _UNIT_UM.get(unit)
+        try:
+            value = float(plane.get(f"Position{axis}", ""))
+        except ValueError:
+            return None
+        if scale is None or not math.isfinite(value):
+            return None
+        out.append((value * scale, "pixel" if unit == "pixel" else "µm"))
+    (y, uy), (x, ux) = out
+    return (y, x, uy) if uy == ux else None
+
+
 def _svs_meta(description: str) -> dict:
     try:
         return dict(tifffile.tifffile.svs_description_metadata(description))

@@ -40,7 +40,7 @@ def _check_mpp(mpp: float | None, name: str = "mpp") -> float | None:
 
 def _prepare_image(image: Any) -> tuple[Any, str, np.dtype, Callable | None]:
     """Validate ``image``; return (source, kind, stored dtype, per-block transform)."""
-    if not isinstance(image, (np.ndarray, da.Array)):
+    if not isinstance(image, (np.ndarray, da.Array, DiskArray)):
         if not all(hasattr(image, a) for a in ("shape", "dtype", "__getitem__")):
             raise TypeError(f"image must be a numpy or dask array, got {type(image).__name__}")
         image = da.from_array(image, chunks=getattr(image, "chunks", "auto"))
@@ -145,6 +145,28 @@ def _tiles(
             yield np.ascontiguousarray(band[:, c0 : c0 + tile])
 
 
+def _check_origin(origin: Any) -> tuple[float, float] | None:
+    if origin is None:
+        return None
+    try:
+        y, x = (float(v) for v in origin)
+    except (TypeError, ValueError):
+        raise ValueError(f"origin must be (y, x), two numbers; got {origin!r}") from None
+    if not (math.isfinite(y) and math.isfinite(x)):
+        raise ValueError(f"origin must be finite; got {origin!r}")
+    return y, x
+
+
+def _region_origin(prov: dict, mpp: float | None) -> tuple[float, float] | None:
+    """Where a stained region lies on its slide: its provenance ``region`` (y, x, h, w; pixels
+    of the stained level) times ``mpp`` (that level's µm/px; pixels when None)."""
+    region = prov.get("region")
+    if not isinstance(region, (list, tuple)) or len(region) != 4:
+        return None
+    s = 1.0 if mpp is None else float(mpp)
+    return float(region[0]) * s, float(region[1]) * s
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
@@ -165,6 +187,7 @@ def write_ome_tiff(
     levels: int | None = None,
     compression: str | None = "zlib",
     progress: Callable[[int, int], Any] | None = None,
+    origin: tuple[float, float] | None = None,
 ) -> Path:
     """Stream ``image`` into a tiled, pyramidal OME-TIFF, atomically.
 
@@ -191,6 +214,10 @@ def write_ome_tiff(
         tifffile compression name ("zlib", "zstd", "lzw", "jpeg" for RGB, ...) or None.
     progress : callable, optional
         Called as ``progress(done_tiles, total_tiles)`` for every tile over all levels.
+    origin : (y, x), optional
+        Where pixel (0, 0) lies: the napari layer's ``translate``, in µm when ``mpp`` is given,
+        else in pixels. Stored as OME ``Plane/@PositionY``, ``@PositionX`` (unit "µm" or
+        "pixel"); read back by :func:`napari_staindiffuser.io.ome_origin`.
 
     Returns
     -------
@@ -203,6 +230,7 @@ def write_ome_tiff(
     if int(tile) != tile or tile < 16 or tile % 16:
         raise ValueError(f"tile must be a positive multiple of 16, got {tile}")
     tile = int(tile)
+    origin = _check_origin(origin)
     try:
         prov = json.loads(json.dumps(metadata or {}, default=_json_default, allow_nan=False))
     except (TypeError, ValueError) as exc:
@@ -220,7 +248,7 @@ def write_ome_tiff(
     try:
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=parent) as cache:
             _write_pyramid(tmp, src, kind, dtype, fn, shapes, tile, mpp, prov, compression,
-                           progress, Path(cache), out)  # fmt: skip
+                           progress, Path(cache), out, origin)  # fmt: skip
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -229,7 +257,7 @@ def write_ome_tiff(
 
 
 def _write_pyramid(tmp, src, kind, dtype, fn, shapes, tile, mpp, prov, compression, progress,
-                   cache, out) -> None:  # fmt: skip
+                   cache, out, origin=None) -> None:  # fmt: skip
     from . import __version__
 
     samples = 3 if kind == "rgb" else 1
@@ -247,6 +275,10 @@ def _write_pyramid(tmp, src, kind, dtype, fn, shapes, tile, mpp, prov, compressi
     if mpp is not None:
         md.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp,
                   PhysicalSizeYUnit="µm")  # fmt: skip
+    if origin is not None:  # the position of the image: napari's translate
+        unit = "µm" if mpp is not None else "pixel"
+        md["Plane"] = {"PositionY": origin[0], "PositionYUnit": unit, "PositionX": origin[1],
+                       "PositionXUnit": unit}  # fmt: skip
     if prov:
         # human-readable key/value pairs (strings verbatim unless they hold control characters)
         readable = {
@@ -265,7 +297,7 @@ def _write_pyramid(tmp, src, kind, dtype, fn, shapes, tile, mpp, prov, compressi
             nxt = None
             if k + 1 < len(shapes):
                 nshape = (*shapes[k + 1], samples) if kind == "rgb" else shapes[k + 1]
-                nxt = np.memmap(cache / f"level{k + 1}.raw", dtype, "w+", shape=nshape)
+                nxt = DiskArray(cache / f"level{k + 1}.raw", nshape, dtype)
             kwargs: dict[str, Any] = {}
             if mpp is not None:
                 res = 1e4 / (mpp * (shapes[0][1] / w))
@@ -285,8 +317,6 @@ def _write_pyramid(tmp, src, kind, dtype, fn, shapes, tile, mpp, prov, compressi
                 buffersize=math.ceil(w / tile) * tile * tile * samples * dtype.itemsize,
                 maxworkers=2, **kwargs,
             )  # fmt: skip
-            if nxt is not None:
-                nxt.flush()
             current = nxt
 
 
@@ -325,28 +355,192 @@ def read_provenance(path: str | os.PathLike) -> dict:
     return fallback
 
 
+def uncertainty_uint8(std: np.ndarray) -> np.ndarray:
+    """Per-pixel std across samples (0-255 scale, float) -> what the uncertainty file stores:
+    ``clip(std * 4, 0, 255)`` as uint8 (pixelwise, so it may be applied band by band)."""
+    return np.clip(std * 4, 0, 255).astype(np.uint8)
+
+
 def write_stain_outputs(
     result: Any, folder: str | os.PathLike, stem: str, mpp: float | None, provenance=None
 ) -> dict[str, dict[str, str]]:
     """Write a staining result (``inference.StainResult``) as pyramidal OME-TIFFs, each atomic
     and carrying ``provenance`` (default: the result's): ``<stem>_virtual-<stain>.ome.tif``,
     ``<stem>_mask-<stain>.ome.tif`` and, with several samples,
-    ``<stem>_uncertainty-<stain>.ome.tif`` (std x 4, uint8). Returns the paths per stain."""
+    ``<stem>_uncertainty-<stain>.ome.tif`` (std x 4, uint8), placed where the provenance's
+    ``region`` lies (``origin``: its y, x times ``mpp``). Returns the paths per stain."""
+    unc = {st: uncertainty_uint8(u) for st, u in result.uncertainty.items()}
+    return _write_stain_files(result.images, result.masks, unc, folder, stem, mpp,
+                              provenance or result.provenance)  # fmt: skip
+
+
+def _write_stain_files(images, masks, unc8, folder, stem, mpp, provenance):
     folder = Path(folder)
-    prov = {k: v for k, v in (provenance or result.provenance).items() if k != "files"}
+    prov = {k: v for k, v in provenance.items() if k != "files"}
+    origin = _region_origin(prov, mpp)  # so the files open where the region lies on the slide
     written: dict[str, dict[str, str]] = {}
-    for stain, rgb in result.images.items():
+    for stain, rgb in images.items():
         tag = stain.replace("/", "")
         files = written[stain] = {}
         outputs = [
             ("virtual", rgb, f"virtual {stain} IHC", "image"),
-            ("mask", result.masks[stain], f"{stain} positive cells (model)", "labels"),
+            ("mask", masks[stain], f"{stain} positive cells (model)", "labels"),
         ]
-        if stain in result.uncertainty:
-            u = np.clip(result.uncertainty[stain] * 4, 0, 255).astype(np.uint8)
-            outputs.append(("uncertainty", u, "std across samples x4 (0-255)", "image"))
+        if stain in unc8:
+            outputs.append(("uncertainty", unc8[stain], "std across samples x4 (0-255)", "image"))
         for kind, data, content, layer_type in outputs:
             meta = {**prov, "content": content, "layer_type": layer_type}
             path = folder / f"{stem}_{kind}-{tag}.ome.tif"
-            files[kind] = str(write_ome_tiff(path, data, mpp=mpp, metadata=meta))
+            files[kind] = str(write_ome_tiff(path, data, mpp=mpp, metadata=meta, origin=origin))
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Slide-scale staining: outputs streamed to disk band by band, then written as OME-TIFFs
+
+
+class DiskArray:
+    """A C-ordered array kept in a raw file, written and read by rows with plain file I/O.
+
+    No memory map: the pages sit in the OS file cache, not in the process's resident memory,
+    so filling or reading a slide-sized array band by band costs one band of RAM.
+    ``a[y0:y1] = rows`` writes whole rows (step 1); ``a[key]`` reads the rows ``key`` spans
+    (a slice with any step, or an int) and applies the rest of the key; ``np.asarray(a)`` reads
+    everything (small arrays only). The file is created, zero-filled, at ``path``.
+    """
+
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, ...], dtype: Any):
+        self.path = Path(path)
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self._items = int(np.prod(self.shape[1:], dtype=np.int64))  # per row
+        with open(self.path, "xb") as f:
+            f.truncate(self.shape[0] * self._items * self.dtype.itemsize)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"DiskArray({str(self.path)!r}, shape={self.shape}, dtype={self.dtype})"
+
+    def _rows(self, y0: int, y1: int) -> np.ndarray:
+        n = max(0, y1 - y0)
+        offset = y0 * self._items * self.dtype.itemsize
+        data = np.fromfile(self.path, self.dtype, count=n * self._items, offset=offset)
+        return data.reshape(n, *self.shape[1:])
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        first, rest = key[0], key[1:]
+        if isinstance(first, slice):
+            y0, y1, step = first.indices(self.shape[0])
+            if step == 1:
+                rows = self._rows(y0, y1)
+            else:
+                idx = range(y0, y1, step)
+                rows = np.empty((len(idx), *self.shape[1:]), self.dtype)
+                for i, y in enumerate(idx):
+                    rows[i] = self._rows(y, y + 1)[0]
+            return rows[(slice(None), *rest)]
+        if isinstance(first, (int, np.integer)):
+            y = range(self.shape[0])[int(first)]  # IndexError when out of range
+            return self._rows(y, y + 1)[(0, *rest)]
+        raise TypeError(f"DiskArray: expected a row slice or int as the first index; got {first!r}")
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError(f"DiskArray: expected whole rows a[y0:y1] = rows; got key {key!r}")
+        y0, y1, _ = key.indices(self.shape[0])
+        v = np.ascontiguousarray(value, dtype=self.dtype)
+        if v.shape != (max(0, y1 - y0), *self.shape[1:]):
+            want = (max(0, y1 - y0), *self.shape[1:])
+            raise ValueError(f"DiskArray: expected rows of shape {want}; got {v.shape}")
+        with open(self.path, "r+b") as f:
+            f.seek(y0 * self._items * self.dtype.itemsize)
+            v.tofile(f)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self._rows(0, self.shape[0])
+        return a if dtype is None else a.astype(dtype)
+
+
+class StreamedStainOutputs:
+    """Disk-backed outputs of one staining run, filled band by band, then written as OME-TIFFs.
+
+    The virtual IHC (``images``: stain -> (H, W, 3) uint8), the masks (``masks``: stain ->
+    (H, W) bool) and, with ``uncertainty``, the uncertainty maps as stored in the files
+    (:func:`uncertainty_uint8`) are :class:`DiskArray` files in a hidden temporary folder
+    inside ``folder`` (``.staindiffuser-stream-*.tmp``: on the same disk as the outputs).
+    :meth:`write_files` streams them into the same files :func:`write_stain_outputs` writes
+    (each atomic: a temporary file renamed on success); :meth:`close` (or leaving the ``with``
+    block) removes the temporary folder, after success, an error or a cancelled run alike.
+    Scores are not kept (no file holds them). Disk use: about ``H * W * (4 + 1)`` bytes per
+    stain, plus the writer's pyramid cache.
+    """
+
+    def __init__(self, folder: str | os.PathLike, shape: tuple[int, int], stains, uncertainty):
+        self.folder = Path(folder).expanduser()
+        h, w = (int(s) for s in shape)
+        try:
+            self._tmp = Path(
+                tempfile.mkdtemp(prefix=".staindiffuser-stream-", suffix=".tmp", dir=self.folder)
+            )
+        except OSError as exc:
+            raise PermissionError(f"cannot write to output folder {self.folder}: {exc}") from exc
+        try:
+            self.images, self.masks, self.uncertainty = {}, {}, {}
+            for i, st in enumerate(stains):
+                self.images[st] = DiskArray(self._tmp / f"virtual-{i}.u8", (h, w, 3), np.uint8)
+                self.masks[st] = DiskArray(self._tmp / f"mask-{i}.b", (h, w), np.bool_)
+                if uncertainty:
+                    self.uncertainty[st] = DiskArray(self._tmp / f"unc-{i}.u8", (h, w), np.uint8)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def temp_folder(self) -> Path:
+        return self._tmp
+
+    def write(self, kind: str, stain: str, y0: int, rows: np.ndarray) -> None:
+        """Rows ``y0, y0 + 1, ...`` of one output (``kind``: "image", "mask", "score",
+        "uncertainty": the float std, converted here; scores are dropped)."""
+        if kind == "image":
+            self.images[stain][y0 : y0 + len(rows)] = rows
+        elif kind == "mask":
+            self.masks[stain][y0 : y0 + len(rows)] = rows
+        elif kind == "uncertainty":
+            self.uncertainty[stain][y0 : y0 + len(rows)] = uncertainty_uint8(rows)
+
+    def write_files(self, stem: str, mpp: float | None, provenance: dict) -> dict:
+        """Write ``<stem>_virtual-<stain>.ome.tif``, ... into ``folder`` (as
+        :func:`write_stain_outputs`); returns the paths per stain."""
+        return _write_stain_files(self.images, self.masks, self.uncertainty, self.folder, stem,
+                                  mpp, provenance)  # fmt: skip
+
+    def close(self) -> None:
+        """Remove the temporary folder (idempotent)."""
+        import shutil
+
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> StreamedStainOutputs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_level0(path: str | os.PathLike) -> da.Array:
+    """Level 0 of an OME-TIFF written here, as a lazy read-only dask array (one chunk per
+    stored tile; the file stays open while the array is referenced)."""
+    import zarr
+
+    tf = tifffile.TiffFile(Path(path).expanduser())
+    try:
+        z = zarr.open_array(tf.series[0].aszarr(level=0), mode="r")
+    except BaseException:
+        tf.close()
+        raise
+    return da.from_zarr(z)  # the store keeps ``tf`` open

@@ -98,8 +98,9 @@ def resolve_sampling(
 
     A distilled checkpoint records the sampler it was distilled for (provenance ``sampling``,
     e.g. ``{"sampler": "ddim", "steps": 4}``); ``load_checkpoint`` puts it on the model as
-    ``model.sampling_defaults``. Without one the default is DPM-Solver++ with 20 steps. ``steps``
-    left out takes the model's own count only when the sampler is the model's own.
+    ``model.sampling_defaults``. Without one the default is :data:`DEFAULT_SAMPLER` with
+    :data:`DEFAULT_STEPS` steps. ``steps`` left out takes the model's own count only when the
+    sampler is the model's own.
     """
     own = getattr(model, "sampling_defaults", None) or {}
     own_sampler = str(own.get("sampler", DEFAULT_SAMPLER))
@@ -127,6 +128,24 @@ def resolve_spacing(model, sampler: str, steps: int, spacing: str | None = None)
         except ValueError:  # a short schedule (small T)
             return "trailing"
     return DEFAULT_SPACING
+
+
+def model_timesteps(model, sampler: str, steps: int) -> list[int]:
+    """A distilled model's own explicit grid (provenance ``sampling.timesteps``), for
+    ``spacing="custom"``; a ValueError if the model has none for this sampler and step count."""
+    own = getattr(model, "sampling_defaults", None) or {}
+    ts = own.get("timesteps")
+    if ts is None or own.get("sampler") != sampler or own.get("steps") != steps:
+        have = (
+            f"{own.get('sampler')} {own.get('steps')} steps"
+            if ts is not None
+            else "no explicit grid"
+        )
+        raise ValueError(
+            f"spacing 'custom' uses the model's own timestep grid, and this model has {have}; "
+            f"asked for {sampler} {steps} steps"
+        )
+    return [int(t) for t in ts]
 
 
 def iter_sample(
@@ -167,9 +186,10 @@ def iter_sample(
         Bi-directional models only: IHC -> H&E.
     eta : float
         DDIM stochasticity (0 = deterministic).
-    spacing : {"karras", "trailing", "leading", "linspace"}, optional
+    spacing : {"karras", "trailing", "leading", "linspace", "custom"}, optional
         How the ``steps`` timesteps are picked from the T training timesteps; default: a
-        distilled model's own grid, else "karras" (:func:`resolve_spacing`).
+        distilled model's own grid, else "karras" (:func:`resolve_spacing`). "custom" is a
+        distilled model's explicit grid (:func:`model_timesteps`).
     precision : {"fp32", "bf16", "fp16", "auto"}
         The network's autocast precision (``runtime.resolve_precision``); the sampler's math
         stays float32 and the network's outputs are cast to float32.
@@ -201,6 +221,8 @@ def iter_sample(
         if aux and model.aux is not None and not reverse:
             branches.append((Branch.AUX, s))
     kwargs: dict = {"spacing": spacing}
+    if spacing == "custom":
+        kwargs["timesteps"] = model_timesteps(model, sampler, steps)
     if sampler == SamplerKind.DDIM:  # str enum: matches "ddim" too
         kwargs["eta"] = eta
     samplers = [make_sampler(sampler, schedule, steps, **kwargs) for _ in branches]

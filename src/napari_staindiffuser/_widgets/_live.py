@@ -26,6 +26,7 @@ from ._common import (
     placed_like,
     visible_box,
 )
+from ._lifetime import while_open
 
 __all__ = ["MAX_LIVE_TILES", "LiveController"]
 
@@ -114,9 +115,16 @@ class LiveController:
         )
         return True
 
+    @property
+    def lifetime(self) -> Any:
+        """The dock's :class:`~._lifetime.DockLifetime`: once the dock is closed, the
+        callbacks below do nothing (the dock's close stops live mode)."""
+        return self.dock.lifetime
+
     def stop(self) -> None:
         """Stop the scheduler (at its next sampler step); the layers keep the cached tiles."""
         self._debounce.stop()
+        self._refresh.stop()
         self._connect_camera(False)
         if self.stainer is not None:
             self.stainer.stop()
@@ -126,9 +134,16 @@ class LiveController:
 
     def restart_if_on(self, *_: Any) -> None:
         """Settings changed: a running live mode restarts with them (the cache keeps tiles whose
-        key did not change)."""
-        if self.on:
-            self.start()
+        key did not change). Without an H&E layer left it turns off, quietly: that is also what
+        closing the viewer does first (it removes every layer)."""
+        if not self.on:
+            return
+        if self.dock._he.value is None:  # the H&E layer was removed (or the viewer is closing)
+            self.stop()
+            self.dock._live.value = False
+            self.dock._status.value = "stain as you pan: off (the H&E layer was removed)"
+            return
+        self.start()
 
     # ----------------------------------------------------------------------- setup
 
@@ -259,12 +274,14 @@ class LiveController:
         tiles = self.stainer.grid.visible_tiles(box0)
         return tiles[:MAX_LIVE_TILES], max(0, len(tiles) - MAX_LIVE_TILES)
 
+    @while_open
     def update_view(self) -> None:
         if self.stainer is None or not self.on:
             return
         tiles, capped = self.visible()
         self.stainer.set_view(tiles, capped)
 
+    @while_open
     def _on_event(self, ev: Any, stainer: Any = None) -> None:
         from napari_staindiffuser.live import LiveStatus, LiveTile
 
@@ -294,12 +311,14 @@ class LiveController:
         if self.dock._status.value != text:
             self.dock._status.value = text
 
+    @while_open
     def _refresh_layers(self) -> None:
         self._last_refresh = time.perf_counter()
         for layer in self.layers.values():
             if layer in self.viewer.layers:
                 layer.refresh()
 
+    @while_open
     def _on_error(self, exc: BaseException, stainer: Any = None) -> None:
         notify_error(exc, "Stain as you pan")
         if stainer is not None and stainer is not self.stainer:

@@ -14,6 +14,7 @@ main thread only places finished arrays into layers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import weakref
@@ -58,6 +59,7 @@ from ._common import (
     placed_like,
     visible_box,
 )
+from ._lifetime import DockLifetime, while_open
 from ._mask_worker import compute_job, preview_job, stats_job, threshold_for
 
 __all__ = ["CoarseMaskWidget"]
@@ -136,6 +138,9 @@ class CoarseMaskWidget(Container):
         ``stats``, ``preset`` (at the level's µm/px), ``level``, ``mpp``, ``layers``.
     worker, preview_worker, stats_worker
         The latest thread workers of each kind (None before the first).
+    lifetime : DockLifetime
+        ``lifetime.closed``: napari closed the dock; its workers were asked to stop and what
+        they still send is ignored.
     """
 
     def __init__(self, napari_viewer: Any) -> None:
@@ -214,6 +219,23 @@ class CoarseMaskWidget(Container):
         cam.events.center.connect(self._on_camera)
         cam.events.zoom.connect(self._on_camera)
         self._on_layer_changed()
+        self.lifetime = DockLifetime(self, napari_viewer, self._on_dock_closed)
+
+    def _on_dock_closed(self) -> None:
+        """napari closed the dock (``_lifetime.py``): stop every worker (the whole-image run
+        after its current tile; nothing of it is kept) and let go of the viewer's events. Flags
+        only: the Qt widgets may be being deleted."""
+        self._preview_gen += 1  # previews still on their way are dropped
+        self._cancelled = self.worker
+        for w in (self.worker, self.preview_worker, self.stats_worker):
+            if w is not None:
+                w.quit()
+        layers = self.viewer.layers.events
+        layers.inserted.disconnect(self._on_layers_changed)
+        layers.removed.disconnect(self._on_layers_changed)
+        cam = camera(self.viewer)
+        cam.events.center.disconnect(self._on_camera)
+        cam.events.zoom.disconnect(self._on_camera)
 
     # ----------------------------------------------------------------- public API
 
@@ -399,6 +421,7 @@ class CoarseMaskWidget(Container):
         self._stats[id(layer)] = (weakref.ref(layer), self._stats_key(layer), stats)
 
     @_guarded("Whole-slide DAB statistics")
+    @while_open
     def _on_stats(self, ref: Any, key: tuple, stats: DabStats) -> None:
         layer = ref()
         if layer is None or layer not in self.viewer.layers:
@@ -407,6 +430,7 @@ class CoarseMaskWidget(Container):
         self._update_threshold_label()
         self._request_preview()
 
+    @while_open
     def _on_stats_error(self, key: tuple, exc: BaseException) -> None:
         self._stats_failed[key] = str(exc)
         self._threshold_label.value = "no statistics (see the notification)"
@@ -531,6 +555,7 @@ class CoarseMaskWidget(Container):
             notify_error(exc, action)
 
     @_guarded("Mask preview")
+    @while_open
     def _run_preview(self) -> None:
         layer = self._layer()
         if layer is None or not self._live.value:
@@ -577,6 +602,7 @@ class CoarseMaskWidget(Container):
         worker.start()
 
     @_guarded("Mask preview")
+    @while_open
     def _on_preview(
         self, gen: int, name: str, mask: np.ndarray, meta: dict, placement: dict
     ) -> None:
@@ -586,12 +612,14 @@ class CoarseMaskWidget(Container):
         self._last_notice = None
         self._status.value = f"preview: level {meta['level']}, threshold {meta['threshold']:.3f}"
 
+    @while_open
     def _on_preview_error(self, gen: int, exc: BaseException) -> None:
         if gen == self._preview_gen:
             self._notify_once(exc, "Mask preview")
 
     # ----------------------------------------------------------------- whole-image run
 
+    @while_open
     def _on_compute_event(self, worker: Any, ctx: dict, ev: Any) -> None:
         if worker is not self.worker or not self._running:
             return
@@ -623,6 +651,7 @@ class CoarseMaskWidget(Container):
         pbar.update(ev.done - pbar.n)
 
     @_guarded("Coarse mask")
+    @while_open
     def _on_compute_returned(self, worker: Any, ctx: dict, res: dict) -> None:
         if worker is not self.worker or self._cancelled is worker:
             return  # cancelled: _on_compute_finished says so
@@ -680,6 +709,13 @@ class CoarseMaskWidget(Container):
             f"done: {res['positive']:.2%} positive at threshold {res['threshold']:.3f}"
         )
 
+    def _close_pbar(self) -> None:
+        if self._pbar is not None:
+            with contextlib.suppress(RuntimeError):  # the viewer's activity dock may be gone
+                self._pbar.close()
+            self._pbar = None
+
+    @while_open
     def _on_compute_errored(self, exc: BaseException) -> None:
         self._errored = True
         self._status.value = "failed (see the notification)"
@@ -689,15 +725,16 @@ class CoarseMaskWidget(Container):
         if worker is not self.worker:
             return
         self._running = False
+        if self.lifetime.closed:
+            self._close_pbar()
+            return
         if self._cancelled is worker and not self._errored:
             from napari.utils.notifications import show_info
 
             self._status.value = "cancelled: no layer was added"
             show_info("Coarse mask cancelled: no layer was added or changed.")
         self._cancelled = None
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
+        self._close_pbar()
         try:
             self._compute_btn.enabled = True
             self._cancel_btn.enabled = False

@@ -11,7 +11,10 @@
 
 Other files (grayscale, multichannel or z-stack TIFFs from elsewhere, grayscale PNG, ...) are
 left to other readers (``None``). Nothing is read from the pixel data until napari shows it: the
-layers hold dask arrays over the file's tiles. See ``docs/napari.md``.
+layers hold dask arrays over the file's tiles. A file written by napari-staindiffuser gets its
+position back as the layer's ``translate`` (OME ``Plane/@PositionY``, ``@PositionX``, see
+``io.ome_origin``); positions in other files (stage coordinates) are not used. See
+``docs/napari.md``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import ome_mpp
+from ..io import ome_mpp, ome_origin
 
 __all__ = ["SUFFIXES", "napari_get_reader", "read_layers"]
 
@@ -168,14 +171,42 @@ def _layers_take_units() -> bool:
     return "units" in inspect.signature(Image.__init__).parameters
 
 
-def _spatial_kwargs(mpp: float | None, meta: dict) -> dict:
+def _spatial_kwargs(mpp: float | None, meta: dict, origin: tuple | None = None) -> dict:
+    """scale (µm/px, or 1 when unknown), units, and the translate from ``origin``
+    (:func:`~napari_staindiffuser.io.ome_origin`: µm, or pixels times the pixel size)."""
+    translate = None
+    if origin is not None:
+        y, x, unit = origin
+        if unit == "pixel":
+            translate = (y * (mpp or 1.0), x * (mpp or 1.0))
+        elif mpp is not None:  # µm: only meaningful on a layer scaled in µm
+            translate = (y, x)
     if mpp is None:
         meta["note"] = UNKNOWN_MPP_NOTE
-        return {"scale": (1.0, 1.0)}
-    kwargs: dict[str, Any] = {"scale": (mpp, mpp)}
-    if _layers_take_units():
-        kwargs["units"] = ("um", "um")
+        kwargs: dict[str, Any] = {"scale": (1.0, 1.0)}
+    else:
+        kwargs = {"scale": (mpp, mpp)}
+        if _layers_take_units():
+            kwargs["units"] = ("um", "um")
+    if translate is not None:
+        kwargs["translate"] = translate
     return kwargs
+
+
+def _own_origin(tf: Any) -> tuple | None:
+    """The position stored by our writer in an open TiffFile; None for other files."""
+    ours = str(tf.pages[0].software or "").startswith(_SOFTWARE)
+    return ome_origin(tf.ome_metadata or "") if ours and tf.is_ome else None
+
+
+def _file_origin(p: Path) -> tuple | None:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(p) as tf:
+            return _own_origin(tf)
+    except Exception:  # the pixels were readable; a missing position is not an error
+        return None
 
 
 def _layer_metadata(p: Path, mpp: float | None, file_meta: dict, prov: dict) -> dict:
@@ -193,13 +224,14 @@ def _read_rgb(p: Path) -> LayerData:
     tiff = slide.metadata.get("format") in ("svs", "ome-tiff", "tiff")
     prov = _provenance(p) if tiff else {}
     meta = _layer_metadata(p, slide.mpp, dict(slide.metadata), prov)
+    origin = _file_origin(p) if slide.metadata.get("format") == "ome-tiff" else None
     kwargs = {
         "name": _layer_name(p),
         "rgb": True,
         "multiscale": len(levels) > 1,
         "contrast_limits": (0, 255),
         "metadata": meta,
-        **_spatial_kwargs(slide.mpp, meta),
+        **_spatial_kwargs(slide.mpp, meta, origin),
     }
     return (levels if len(levels) > 1 else levels[0], kwargs, "image")
 
@@ -224,6 +256,7 @@ def _read_plane(p: Path, kind: str) -> LayerData:
             )
             levels.append(da.from_array(z, chunks=z.chunks, name=name)[index])
         mpp = ome_mpp(tf.ome_metadata or "") if tf.is_ome else None
+        origin = _own_origin(tf)
         file_meta = {
             "format": "ome-tiff" if tf.is_ome else "tiff",
             "original_dtype": str(series.dtype),
@@ -240,7 +273,7 @@ def _read_plane(p: Path, kind: str) -> LayerData:
         "name": _layer_name(p),
         "multiscale": len(levels) > 1,
         "metadata": meta,
-        **_spatial_kwargs(mpp, meta),
+        **_spatial_kwargs(mpp, meta, origin),
     }
     if kind == "image":
         kwargs["colormap"] = "gray"

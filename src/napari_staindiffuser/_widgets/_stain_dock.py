@@ -9,6 +9,7 @@ blended result then replaces them. The workers never see a layer.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from ._common import (
     shape_boxes,
     visible_box,
 )
+from ._lifetime import DockLifetime, while_open
 from ._live import LiveController
 from ._stain_layers import (
     COUNT_COLUMNS,
@@ -87,8 +89,9 @@ class StainWidget(Container):
 
     Test hooks: :meth:`run` starts a run and returns the preparation worker, ``worker`` is the
     staining worker once it starts, ``running`` says whether a run is in progress,
-    ``confirm`` (callable taking the question, returning bool) asks before long runs, and
-    ``confirm_above_s`` sets how long a run must be to ask.
+    ``confirm`` (callable taking the question, returning bool) asks before long runs,
+    ``confirm_above_s`` sets how long a run must be to ask, and ``lifetime.closed`` says whether
+    napari closed the dock (the run and live mode were then asked to stop).
     """
 
     def __init__(self, napari_viewer):
@@ -209,6 +212,20 @@ class StainWidget(Container):
         for w in (self._he, self._level, self._model, self._sampler, self._steps, self._seed):
             w.changed.connect(self.live.restart_if_on)
         self._device.changed.connect(self.live.restart_if_on)
+        self.lifetime = DockLifetime(self, napari_viewer, self._on_dock_closed)
+
+    def _on_dock_closed(self) -> None:
+        """napari closed the dock (``_lifetime.py``): stop the run and live mode, and let go of
+        the viewer's events. Flags only: the Qt widgets may be being deleted."""
+        self._cancelled = True
+        for w in (self.worker, self.prepare_worker):
+            if w is not None:
+                w.quit()
+        self.live.stop()
+        layers = self.viewer.layers.events
+        for ev in (layers.inserted, layers.removed, layers.reordered):
+            ev.disconnect(self._on_layers_changed)
+        model_list.changed.disconnect(self._on_models_changed)
 
     # ----------------------------------------------------------------------- choices
 
@@ -430,6 +447,7 @@ class StainWidget(Container):
         answer = QMessageBox.question(self.native, "Virtual staining", question)
         return answer == QMessageBox.StandardButton.Yes
 
+    @while_open
     def _on_prepared(self, job: Job, ctx: dict, info: dict) -> None:
         from napari.qt.threading import create_worker
         from napari.utils import progress
@@ -514,6 +532,7 @@ class StainWidget(Container):
 
     # ----------------------------------------------------------------------- events
 
+    @while_open
     def _on_event(self, ev: Any) -> None:
         from napari_staindiffuser.events import Progress
         from napari_staindiffuser.inference import TileStained
@@ -581,14 +600,17 @@ class StainWidget(Container):
 
         QApplication.clipboard().setText(self.counts_tsv())
 
+    @while_open
     def _on_error(self, exc: BaseException) -> None:
         notify_error(exc, "Virtual staining")
         self._mark_partial("failed")
 
+    @while_open
     def _on_prepare_error(self, exc: BaseException) -> None:
         notify_error(exc, "Virtual staining")
         self._set_running(False, "failed")
 
+    @while_open
     def _on_aborted(self) -> None:
         from napari.utils.notifications import show_info
 
@@ -618,8 +640,14 @@ class StainWidget(Container):
 
     def _on_finished(self) -> None:
         if self._pbar is not None:
-            self._pbar.close()
+            with contextlib.suppress(RuntimeError):  # the viewer's activity dock may be gone
+                self._pbar.close()
             self._pbar = None
+        if self.lifetime.closed:  # the layers left in the viewer say the run did not finish
+            self.running = False
+            with contextlib.suppress(RuntimeError):
+                mark_partial(self._layers, "cancelled")
+            return
         status = self._status.value
         if self._progress.value >= self._progress.max:
             status = f"done: {self._progress.value} tiles"

@@ -33,6 +33,7 @@ from ._common import (
     notify_error,
     placed_like,
 )
+from ._lifetime import DockLifetime, while_open
 from ._train_worker import SCRATCH_PREFIX, DataReady, TrainJob, check_registration, train_job
 
 __all__ = ["TrainWidget"]
@@ -46,7 +47,9 @@ PREVIEW_MAX = 256  # px, side of the validation preview crop
 
 class TrainWidget(Container):
     """Dock: fine-tune on marked regions. Test hooks: ``start()``, ``stop()``, ``resume()``,
-    ``running``, ``worker``, ``plot`` (LossPlot), ``registrations``, ``events``."""
+    ``running``, ``worker``, ``plot`` (LossPlot), ``registrations``, ``events``, and
+    ``lifetime.closed`` (napari closed the dock: a run was asked to stop, saving a checkpoint,
+    as Stop does)."""
 
     def __init__(self, napari_viewer):
         super().__init__(scrollable=True)
@@ -143,6 +146,17 @@ class TrainWidget(Container):
             e.connect(self._on_layers_changed)
         self._on_layers_changed()
         self._on_start_changed(self._start_from.value)
+        self.lifetime = DockLifetime(self, napari_viewer, self._on_dock_closed)
+
+    def _on_dock_closed(self) -> None:
+        """napari closed the dock (``_lifetime.py``): stop a run as Stop does (after this
+        step, saving a checkpoint first: the training done so far is kept) and let go of the
+        viewer's events. Flags only: the Qt widgets may be being deleted."""
+        if self.control is not None:
+            self.control.request_stop()
+        ev = self.viewer.layers.events
+        for e in (ev.inserted, ev.removed, ev.reordered):
+            e.disconnect(self._on_layers_changed)
 
     # ----------------------------------------------------------------------- choices
 
@@ -354,11 +368,16 @@ class TrainWidget(Container):
         self._reg_label.value = "measuring…"
         worker = create_worker(
             check_registration, a, b, train + val, layer_mpp(he),
-            _connect={"errored": lambda e: notify_error(e, "Registration check")},
+            _connect={"errored": self._on_registration_error},
         )  # fmt: skip
         worker.returned.connect(self._on_registration)
         return worker
 
+    @while_open
+    def _on_registration_error(self, exc: BaseException) -> None:
+        notify_error(exc, "Registration check")
+
+    @while_open
     def _on_registration(self, regs: list) -> None:
         from napari.utils.notifications import show_warning
 
@@ -448,6 +467,12 @@ class TrainWidget(Container):
         )
 
         self.events.append(ev)
+        if self.lifetime.closed:  # no widget to update; the checkpoint still joins the models
+            if isinstance(ev, Finished):
+                from ._stain_dock import remember_model
+
+                remember_model(self._last_job.out)
+            return
         if isinstance(ev, Progress):
             self._status.value = f"{ev.stage}: {ev.done} / {ev.total}"
         elif isinstance(ev, DataReady):
@@ -504,13 +529,17 @@ class TrainWidget(Container):
             **placed_like(he, 0, job.preview_box),
         )  # fmt: skip
 
+    @while_open
     def _on_error(self, exc: BaseException) -> None:
         notify_error(exc, "Training")
         self._status.value = f"failed: {exc}"
 
     def _on_finished(self) -> None:
-        self._set_running(False)
         self.control = None
+        if self.lifetime.closed:
+            self.running = False
+            return
+        self._set_running(False)
 
 
 def format_scores(step: int, scores: dict) -> str:

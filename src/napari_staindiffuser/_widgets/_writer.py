@@ -2,7 +2,9 @@
 
 Both go through :func:`napari_staindiffuser.io.write_ome_tiff` (streamed one row of chunks at a
 time, atomic). The pixel size comes from the layer's scale (µm; converted from the layer's
-``units`` when they are another length unit) and the provenance from the layer metadata's
+``units`` when they are another length unit), the position from its ``translate`` (OME
+``Plane/@PositionY``, ``@PositionX``: a region stained over an H&E opens where it was, see
+``io.ome_origin``), and the provenance from the layer metadata's
 ``"provenance"`` (its JSON-serialisable parts), plus ``layer_type`` and ``layer_name`` so that
 the reader gives the same kind of layer back. Multiscale layers write their level 0 (the writer
 builds its own pyramid). See ``docs/napari.md``.
@@ -69,7 +71,8 @@ def _write(path: str, img: Any, meta: dict, layer_type: str) -> list[str]:
     prov["layer_name"] = str(meta.get("name", out.name))
     if isinstance(layer_meta.get("path"), str):
         prov.setdefault("source", layer_meta["path"])
-    write_ome_tiff(out, img, mpp=_mpp(meta), metadata=prov)
+    mpp = _mpp(meta)
+    write_ome_tiff(out, img, mpp=mpp, metadata=prov, origin=_origin(meta, mpp))
     return [str(out)]
 
 
@@ -83,6 +86,21 @@ def _mpp(meta: dict) -> float | None:
     if not math.isclose(sy, sx, rel_tol=1e-6):
         raise ValueError(f"OME-TIFF needs square pixels; the layer's scale is ({sy:g}, {sx:g})")
     return sx * _um_per_unit((meta.get("units") or (None,))[-1])
+
+
+def _origin(meta: dict, mpp: float | None) -> tuple[float, float] | None:
+    """The layer's translate (y, x) in the units of :func:`write_ome_tiff`'s ``origin``: µm
+    (converted like the scale), or pixels when the pixel size is unknown; None at (0, 0)."""
+    translate = meta.get("translate")
+    if translate is None:
+        return None
+    ty, tx = (float(t) for t in list(translate)[-2:])
+    if ty == tx == 0.0:
+        return None
+    if mpp is None:  # scale (1, 1) in unknown units: the translate is in pixels
+        return ty, tx
+    units = list(meta.get("units") or (None, None))[-2:]
+    return ty * _um_per_unit(units[0]), tx * _um_per_unit(units[-1])
 
 
 def _um_per_unit(unit: Any) -> float:

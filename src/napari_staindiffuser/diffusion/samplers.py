@@ -36,6 +36,8 @@ __all__ = [
     "Sampler",
     "SamplerKind",
     "Spacing",
+    "custom_timesteps",
+    "karras_timesteps",
     "make_sampler",
     "make_timesteps",
 ]
@@ -63,6 +65,9 @@ class Spacing(str, enum.Enum):
     #: to t = 0; needs the schedule (``alphas_cumprod``). Few-step samples lose the fine grain
     #: that the other grids leave on the background (docs/performance.md, sampling parity).
     KARRAS = "karras"
+    #: An explicit grid given as ``timesteps=`` (a distilled student's own grid, recorded in its
+    #: checkpoint; see distill.py).
+    CUSTOM = "custom"
 
 
 def karras_timesteps(
@@ -97,6 +102,26 @@ def karras_timesteps(
             "would repeat timesteps): use fewer steps or the 'trailing' spacing"
         )
     return torch.tensor(out, dtype=torch.long)
+
+
+def custom_timesteps(timesteps, num_train_timesteps: int, num_steps: int) -> torch.Tensor:
+    """Check an explicit grid: ``num_steps`` strictly decreasing integers in ``[0, T-1]``.
+
+    Returns it as a CPU LongTensor; raises ValueError saying what is wrong otherwise.
+    """
+    try:
+        ts = np.asarray(timesteps)
+        ok = ts.ndim == 1 and ts.size > 0 and np.issubdtype(ts.dtype, np.integer)
+    except (TypeError, ValueError):
+        ok = False
+    T = int(num_train_timesteps)
+    if not ok or not ((ts >= 0) & (ts < T)).all() or not (np.diff(ts) < 0).all():
+        raise ValueError(
+            f"timesteps must be strictly decreasing integers in [0, {T - 1}]; got {timesteps!r}"
+        )
+    if len(ts) != num_steps:
+        raise ValueError(f"num_steps={num_steps!r} but the grid has {len(ts)} timesteps")
+    return torch.from_numpy(ts.astype(np.int64))
 
 
 def make_timesteps(
@@ -138,6 +163,8 @@ def make_timesteps(
     spacing = _coerce_enum(Spacing, spacing, "timestep spacing")
     if spacing is Spacing.KARRAS:
         raise ValueError("the 'karras' grid depends on the schedule: use karras_timesteps")
+    if spacing is Spacing.CUSTOM:
+        raise ValueError("a 'custom' grid is given explicitly: use custom_timesteps")
     T = int(num_train_timesteps)
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
         raise ValueError(f"num_steps must be an integer in [1, {T}], got {num_steps!r}")
@@ -180,6 +207,9 @@ class Sampler(abc.ABC):
         (diffusers ``clip_sample``; dynamic thresholding is not implemented).
     clip_range : float
         Positive clamp bound (diffusers ``clip_sample_range``).
+    timesteps : sequence of int, optional
+        An explicit grid (strictly decreasing training timesteps in ``[0, T-1]``, ``num_steps``
+        of them); needs ``spacing="custom"`` (and is the only way to get it).
 
     Attributes
     ----------
@@ -200,6 +230,7 @@ class Sampler(abc.ABC):
         spacing: Spacing | str = Spacing.TRAILING,
         clip_sample: bool = True,
         clip_range: float = 1.0,
+        timesteps=None,
     ) -> None:
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
@@ -209,7 +240,14 @@ class Sampler(abc.ABC):
         self.spacing = _coerce_enum(Spacing, spacing, "timestep spacing")
         self.clip_sample = bool(clip_sample)
         self.clip_range = float(clip_range)
-        if self.spacing is Spacing.KARRAS:
+        if (self.spacing is Spacing.CUSTOM) != (timesteps is not None):
+            raise ValueError(
+                "an explicit timesteps grid goes with spacing='custom' and only with it; got "
+                f"spacing={self.spacing.value!r}, timesteps={timesteps!r}"
+            )
+        if self.spacing is Spacing.CUSTOM:
+            self.timesteps = custom_timesteps(timesteps, schedule.num_train_timesteps, num_steps)
+        elif self.spacing is Spacing.KARRAS:
             if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
                 raise ValueError(f"num_steps must be an integer, got {num_steps!r}")
             self.timesteps = karras_timesteps(schedule.alphas_cumprod, int(num_steps))
@@ -460,8 +498,8 @@ def make_sampler(
 ) -> Sampler:
     """Build a sampler by name (``"ddpm"``, ``"ddim"``, ``"dpmsolver++"``).
 
-    ``kwargs`` go to the sampler's constructor (``spacing``, ``clip_sample``, ``clip_range``;
-    ``eta`` for DDIM only).
+    ``kwargs`` go to the sampler's constructor (``spacing``, ``clip_sample``, ``clip_range``,
+    ``timesteps`` with ``spacing="custom"``; ``eta`` for DDIM only).
     """
     kind = _coerce_enum(SamplerKind, kind, "sampler")
     return _SAMPLERS[kind](schedule, num_steps, **kwargs)
