@@ -62,6 +62,45 @@ def viewer_with_pair(make_napari_viewer, region, mpp: float):
     return viewer
 
 
+class Pointwise:
+    """A deterministic TileModel without a network: each output pixel is a fixed function of its
+    RGB (:meth:`fn`). It records the batch size of every call and raises ``error`` (an
+    out-of-memory error in the fast-path tests) for batches over ``max_batch`` tiles."""
+
+    stains = ("CD3", "CK8/18")
+    tile = 32
+    multiple_of = 8
+    mpp = 1.0
+
+    def __init__(self, max_batch: int = 1 << 30, error=MemoryError):
+        self.max_batch, self.error, self.calls = max_batch, error, []
+
+    @staticmethod
+    def fn(rgb: np.ndarray) -> np.ndarray:
+        x = rgb.astype(np.float32) / 255.0
+        return np.stack([x[..., 1] ** 2, 1 - x[..., 0], 0.5 * (x[..., 2] + x[..., 0])], -1)
+
+    def run(self, tiles, seeds, stains):
+        from napari_staindiffuser.events import Progress
+        from napari_staindiffuser.inference import TileOutput
+
+        self.calls.append(len(tiles))
+        yield Progress(0, 1)
+        if len(tiles) > self.max_batch:
+            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        out = self.fn(tiles)
+        yield TileOutput(
+            images={s: out if s == "CD3" else 1 - out for s in stains},
+            scores={s: out[..., 0] for s in stains},
+        )
+
+    def decode_mask(self, stain, score):
+        return score > 0.5
+
+    def describe(self):
+        return {"model": "pointwise"}
+
+
 def blob_pairs(n: int, size: int = 32, seed: int = 0, stains=("CD3", "CK8/18")):
     """Minimal paired data: pink H&E with purple nuclei; brown IHC on the larger ones."""
     from napari_staindiffuser.pairs import InMemoryPairs, PairSample

@@ -12,7 +12,6 @@ from napari_staindiffuser.events import Progress
 from napari_staindiffuser.inference import (
     AUTO_BATCH_CPU,
     DiffusionTileModel,
-    TileOutput,
     TileStained,
     auto_batch,
     iter_stain,
@@ -20,6 +19,7 @@ from napari_staindiffuser.inference import (
 )
 from napari_staindiffuser.sampling import sample
 
+import conftest
 from conftest import untrained_model
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -33,34 +33,11 @@ class FakeOOM(torch.cuda.OutOfMemoryError):
     pass
 
 
-class Pointwise:
-    """A deterministic TileModel that runs out of "memory" above ``max_batch`` tiles."""
-
-    stains = ("CD3", "CK8/18")
-    tile = 32
-    multiple_of = 8
-    mpp = 1.0
+class Pointwise(conftest.Pointwise):
+    """The pointwise TileModel, running out of (fake CUDA) memory above ``max_batch`` tiles."""
 
     def __init__(self, max_batch: int = 1 << 30, error=FakeOOM):
-        self.max_batch, self.error, self.calls = max_batch, error, []
-
-    def run(self, tiles, seeds, stains):
-        self.calls.append(len(tiles))
-        yield Progress(0, 1)
-        if len(tiles) > self.max_batch:
-            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
-        x = tiles.astype(np.float32) / 255.0
-        out = np.stack([x[..., 1] ** 2, 1 - x[..., 0], 0.5 * (x[..., 2] + x[..., 0])], -1)
-        yield TileOutput(
-            images={s: out if s == "CD3" else 1 - out for s in stains},
-            scores={s: out[..., 0] for s in stains},
-        )
-
-    def decode_mask(self, stain, score):
-        return score > 0.5
-
-    def describe(self):
-        return {"model": "pointwise"}
+        super().__init__(max_batch, error)
 
 
 # -- precision ---------------------------------------------------------------------------------

@@ -10,46 +10,13 @@ from napari_staindiffuser.config import preset
 from napari_staindiffuser.events import Progress
 from napari_staindiffuser.inference import (
     StainResult,
-    TileOutput,
     TileStained,
     iter_stain,
     stain_region,
 )
 from napari_staindiffuser.model import StainDiffuser
 
-from conftest import untrained_model
-
-
-class Pointwise:
-    """A deterministic stand-in TileModel: a pointwise colour map (translation-equivariant)."""
-
-    stains = ("CD3", "CK8/18")
-    tile = 32
-    multiple_of = 8
-    mpp = 1.0
-
-    def __init__(self):
-        self.calls = 0
-
-    @staticmethod
-    def fn(rgb: np.ndarray) -> np.ndarray:
-        x = rgb.astype(np.float32) / 255.0
-        return np.stack([x[..., 1] ** 2, 1 - x[..., 0], 0.5 * (x[..., 2] + x[..., 0])], -1)
-
-    def run(self, tiles, seeds, stains):
-        self.calls += 1
-        yield Progress(0, 1)
-        out = self.fn(tiles)
-        yield TileOutput(
-            images={s: out if s == "CD3" else 1 - out for s in stains},
-            scores={s: out[..., 0] for s in stains},
-        )
-
-    def decode_mask(self, stain, score):
-        return score > 0.5
-
-    def describe(self):
-        return {"model": "pointwise"}
+from conftest import Pointwise, untrained_model
 
 
 def _image(h, w, seed=0):
