@@ -96,18 +96,20 @@ def cmd_prep(args) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    sets = [("train", TRAIN_SEED, args.train_n, ",".join(STAINS))]
-    sets += [(f"eval{s.replace('/', '')}", HELD_OUT_SEED, args.n, s) for s in STAINS]
+    sets = [("train", TRAIN_SEED, 0, args.train_n, ",".join(STAINS))]
+    sets += [
+        (f"eval{s.replace('/', '')}", HELD_OUT_SEED, args.eval_from, args.n, s) for s in STAINS
+    ]
     jobs, names = [], []
-    for name, seed, n, stains in sets:
+    for name, seed, first, n, stains in sets:
         chunk = max(1, -(-n // args.workers))
-        for lo in range(0, n, chunk):
-            jobs.append((seed, lo, min(n, lo + chunk), mpp, stains, px))
+        for lo in range(first, first + n, chunk):
+            jobs.append((seed, lo, min(first + n, lo + chunk), mpp, stains, px))
             names.append(name)
     with ProcessPoolExecutor(args.workers) as pool:
         parts = list(pool.map(_render, jobs))
     arrays: dict[str, np.ndarray] = {}
-    for name, _, _, _ in sets:
+    for name, *_ in sets:
         mine = [p for p, nm in zip(parts, names, strict=True) if nm == name]
         for k in mine[0]:
             arrays[f"{name}_{k}"] = np.concatenate([p[k] for p in mine])
@@ -115,7 +117,10 @@ def cmd_prep(args) -> None:
         f"synthetic pairs (seed={TRAIN_SEED}, n={args.train_n}, {size} px at {mpp:g} um/px, "
         f"stains={list(STAINS)})"
     )
-    meta = {"train": desc, "train_n": args.train_n, "eval_n": args.n, "px": px}
+    meta = {
+        "train": desc, "train_n": args.train_n, "eval_n": args.n, "eval_from": args.eval_from,
+        "px": px,
+    }  # fmt: skip
     arrays["meta"] = np.array(json.dumps(meta))
     np.savez_compressed(work / "pairs.npz", **arrays)
     print(f"wrote {work / 'pairs.npz'} in {time.perf_counter() - t0:.0f} s: {meta}", flush=True)
@@ -169,6 +174,9 @@ def cmd_distill(args) -> None:
         teacher_steps=args.teacher_steps,
         grid=args.grid,
         init_student=args.init_student,
+        stains=args.stains.split(",") if args.stains else None,
+        branches=args.branches.split(",") if args.branches else None,
+        step_weights=args.step_weights and [float(v) for v in args.step_weights.split(",")],
         steps_per_stage=per_stage,
         batch_size=args.batch,
         lr=args.lr,
@@ -234,8 +242,22 @@ def probe(teacher_path, train, batch, n, device, grid, teacher_steps, steps=8) -
     return (t1 - t0) / steps + (time.perf_counter() - t1)
 
 
-def score(model, pairs, stain, *, sampler, steps, spacing=None, batch=64, seed=0):
-    """(PSNR, SSIM, Dice, seconds) of one model/sampler on held-out pairs of one stain."""
+def score(
+    model,
+    pairs,
+    stain,
+    *,
+    sampler,
+    steps,
+    spacing=None,
+    batch=64,
+    seed=0,
+    grid=None,
+    reference=None,
+):
+    """(PSNR, SSIM, Dice, sharpness, seconds, virt, mask) of one model/sampler on held-out pairs
+    of one stain; ``grid``: explicit DDIM timesteps; with ``reference`` (virt, mask of the DDPM
+    1000 outputs) also (PSNR, SSIM, Dice) against it."""
     from napari_staindiffuser.demo import dice, image_scores
     from napari_staindiffuser.sampling import from_uint8_rgb, sample, to_uint8_rgb
 
@@ -244,6 +266,12 @@ def score(model, pairs, stain, *, sampler, steps, spacing=None, batch=64, seed=0
     masks = np.stack([p.mask for p in pairs])
     dev = next(model.parameters()).device
     virt, pred = [], []
+    own = getattr(model, "sampling_defaults", None)
+    if grid is not None:  # sample on this grid: as if it were the model's own (restored below)
+        model.sampling_defaults = {
+            "sampler": "ddim", "steps": len(grid), "spacing": "custom", "timesteps": list(grid)
+        }  # fmt: skip
+        sampler, steps, spacing = "ddim", len(grid), "custom"
     t0 = time.perf_counter()
     for i in range(0, len(pairs), batch):
         r = sample(
@@ -258,15 +286,16 @@ def score(model, pairs, stain, *, sampler, steps, spacing=None, batch=64, seed=0
         virt.append(to_uint8_rgb(r.images[stain]))
         pred.append(r.aux_mask[stain])
     secs = time.perf_counter() - t0
+    model.sampling_defaults = own
     virt, pred = np.concatenate(virt), np.concatenate(pred)
-    s = [image_scores(x, t) for x, t in zip(virt, ihc, strict=True)]
-    return (
-        float(np.mean([v["psnr"] for v in s])),
-        float(np.mean([v["ssim"] for v in s])),
-        float(dice(pred, masks)),
-        sharpness(virt) / sharpness(ihc),
-        secs,
-    )
+
+    def scores(a, b, ma, mb):
+        s = [image_scores(x, t) for x, t in zip(a, b, strict=True)]
+        return [np.mean([v["psnr"] for v in s]), np.mean([v["ssim"] for v in s]), dice(ma, mb)]
+
+    vs_ref = None if reference is None else scores(virt, reference[0], pred, reference[1])
+    ps, ss, d = scores(virt, ihc, pred, masks)
+    return ps, ss, d, sharpness(virt) / sharpness(ihc), secs, virt, pred, vs_ref
 
 
 def sharpness(images: np.ndarray) -> float:
@@ -276,72 +305,89 @@ def sharpness(images: np.ndarray) -> float:
 
 
 def cmd_eval(args) -> None:
+    import re
+
+    from napari_staindiffuser.demo import dice, image_scores
     from napari_staindiffuser.model.checkpoint import bundled_model_path, load_checkpoint
 
     work = Path(args.work)
-    _, _, held = load_pairs(work)
+    meta, _, held = load_pairs(work)
     dev = torch.device(args.device)
     teacher = load_checkpoint(args.teacher or bundled_model_path()).model.to(dev).eval()
-    rows = []
-    if args.ddpm:
-        rows.append(("teacher", teacher, "ddpm", 1000))
+    grids = [[int(t) for t in g.split(",")] for g in args.grids]
+    rows = []  # (name, model, sampler, steps, spacing, grid)
     if args.dpm:
-        rows.append(("teacher", teacher, "dpmsolver++", 20))
-    rows += [("teacher", teacher, "ddim", n) for n in args.teacher_ddim]
-    rows = [(*r, args.teacher_spacing) for r in rows]
+        rows.append(("teacher", teacher, "dpmsolver++", 20, args.teacher_spacing, None))
+    rows += [("teacher", teacher, "ddim", n, args.teacher_spacing, None) for n in args.teacher_ddim]
+    rows += [("teacher", teacher, "ddim", len(g), "custom", g) for g in grids]
     students = sorted(work.glob("student*.safetensors"))
     for path in students if args.students is None else args.students:
         ck = load_checkpoint(path)
         smp = ck.provenance["sampling"]
         name = f"student {Path(path).stem}"
-        rows.append((name, ck.model.to(dev).eval(), smp["sampler"], int(smp["steps"]), None))
+        model = ck.model.to(dev).eval()
+        rows.append((name, model, smp["sampler"], int(smp["steps"]), None, None))
+        rows += [(name, model, "ddim", len(g), "custom", g) for g in grids]
     n = len(held[STAINS[0]])
+    first = meta.get("eval_from", 0)
     print(
-        f"{n} held-out SYNTHETIC pairs per stain (master seed {HELD_OUT_SEED}), 64 px, noise "
-        f"seed 0; device {dev}, torch {torch.__version__}, load {os.getloadavg()}"
+        f"{n} held-out SYNTHETIC pairs per stain (master seed {HELD_OUT_SEED}, pairs {first} to "
+        f"{first + n - 1}), 64 px, noise seed 0; device {dev}, torch {torch.__version__}, load "
+        f"{os.getloadavg()}"
     )
     print()
-    print("| stain | model | sampler | NFE | PSNR (dB) | SSIM | Dice | sharpness | s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| stain | model | sampler | NFE | grid | PSNR (dB) | SSIM | Dice | sharpness | "
+        "vs DDPM: PSNR | SSIM | Dice | s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
-    if args.reference:  # DDPM 1000 outputs cached by benchmarks/bench_samplers.py
-        import re
 
-        from napari_staindiffuser.demo import dice, image_scores
+    def report(stain, name, sampler, steps, grid, r) -> None:
+        ps, ss, d, sh, secs, _, _, vs = r
+        results.append([name, sampler, steps, stain, ps, ss, d, sh, grid, vs])
+        ref = "- | - | -" if vs is None else f"{vs[0]:.2f} | {vs[1]:.3f} | {vs[2]:.3f}"
+        g = "-" if grid is None else ",".join(map(str, grid))
+        print(
+            f"| {stain} | {name} | {sampler} | {steps} | {g} | {ps:.2f} | {ss:.3f} | {d:.3f} | "
+            f"{sh:.2f} | {ref} | {secs:.1f} |",
+            flush=True,
+        )
 
-        for stain in STAINS:
-            name = re.sub(r"[^A-Za-z0-9]+", "-", stain)
+    refs = {}
+    stains = args.stains.split(",") if args.stains else STAINS
+    for stain in stains:
+        pairs = held[stain]
+        name = re.sub(r"[^A-Za-z0-9]+", "-", stain)
+        if args.ddpm:  # compute the DDPM 1000 reference and keep its outputs beside the pairs
+            r = score(teacher, pairs, stain, sampler="ddpm", steps=1000)
+            refs[stain] = r[5], r[6]
+            np.savez_compressed(
+                work / f"ref-eval{first}-{name}-n{n}-ddpm1000-seed0.npz", virt=r[5], mask=r[6]
+            )
+            report(stain, "teacher", "ddpm", 1000, None, r)
+        elif args.reference:  # DDPM 1000 outputs cached by this or benchmarks/bench_samplers.py
             files = sorted(Path(args.reference).glob(f"ref-*-{name}-n*-ddpm1000-seed0.npz"))
             if not files:
                 raise ValueError(f"no cached DDPM 1000 reference for {stain} in {args.reference}")
             z = np.load(files[-1])
-            pairs = held[stain]
             virt, mask = z["virt"][: len(pairs)], z["mask"][: len(pairs)]
             if len(virt) < len(pairs):
                 raise ValueError(f"{files[-1]} holds {len(virt)} tiles; need {len(pairs)}")
-            ihc = np.stack([p.ihc for p in pairs])
+            refs[stain] = virt, mask
+            ihc, truth = np.stack([p.ihc for p in pairs]), np.stack([p.mask for p in pairs])
             sc = [image_scores(x, t) for x, t in zip(virt, ihc, strict=True)]
             ps, ss = np.mean([v["psnr"] for v in sc]), np.mean([v["ssim"] for v in sc])
-            d = dice(mask, np.stack([p.mask for p in pairs]))
-            sh = sharpness(virt) / sharpness(ihc)
-            results.append(["teacher", "ddpm", 1000, stain, ps, ss, d, sh])
-            print(
-                f"| {stain} | teacher (cached) | ddpm | 1000 | {ps:.2f} | {ss:.3f} | {d:.3f} | "
-                f"{sh:.2f} | - |",
-                flush=True,
-            )
-    for name, model, sampler, steps, spacing in rows:
-        for stain in STAINS:
-            ps, ss, d, sh, secs = score(
-                model, held[stain], stain, sampler=sampler, steps=steps, spacing=spacing
-            )
-            results.append([name, sampler, steps, stain, ps, ss, d, sh])
-            print(
-                f"| {stain} | {name} | {sampler} | {steps} | {ps:.2f} | {ss:.3f} | {d:.3f} | "
-                f"{sh:.2f} | {secs:.1f} |",
-                flush=True,
-            )
-    (work / f"eval{args.tag}.json").write_text(json.dumps(results, indent=1))
+            r = (ps, ss, dice(mask, truth), sharpness(virt) / sharpness(ihc), 0.0, None, None, None)
+            report(stain, "teacher (cached)", "ddpm", 1000, None, r)
+    for name, model, sampler, steps, spacing, grid in rows:
+        for stain in stains:
+            r = score(
+                model, held[stain], stain, sampler=sampler, steps=steps, spacing=spacing,
+                grid=grid, reference=refs.get(stain),
+            )  # fmt: skip
+            report(stain, name, sampler, steps, grid, r)
+    (work / f"eval{args.tag}.json").write_text(json.dumps(results, indent=1, default=float))
 
 
 def cmd_table(args) -> None:
@@ -355,7 +401,9 @@ def cmd_table(args) -> None:
         "ΔSSIM | ΔDice | parity |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, sampler, steps, stain, ps, ss, d, sh in rows:
+    for name, sampler, steps, stain, ps, ss, d, sh, *more in rows:
+        if more and more[0]:  # an explicit grid (eval --grids)
+            sampler = f"{sampler} on {','.join(map(str, more[0]))}"
         cells = ["-", "-", "-"]
         if stain in ref:
             dss, dd = ss - ref[stain][5], d - ref[stain][6]
@@ -374,6 +422,9 @@ def main() -> None:
     q = sub.add_parser("prep")
     q.add_argument("--n", type=int, default=64, help="held-out pairs per stain")
     q.add_argument("--train-n", type=int, default=1024)
+    q.add_argument(
+        "--eval-from", type=int, default=0, help="first held-out pair (64: a second, fresh set)"
+    )
     q.add_argument("--workers", type=int, default=1, help="rendering processes")
     q.set_defaults(func=cmd_prep)
     q = sub.add_parser("distill")
@@ -382,6 +433,9 @@ def main() -> None:
     q.add_argument("--teacher-steps", type=int, default=16)
     q.add_argument("--grid", choices=["karras", "trailing", "teacher"], default="karras")
     q.add_argument("--init-student", help="start the first stage from this student (continue)")
+    q.add_argument("--stains", help="distil only these stains' branches (encoder frozen)")
+    q.add_argument("--branches", help="distil only these branch kinds: gen,aux")
+    q.add_argument("--step-weights", help="how often each student step is drawn, e.g. 1,1,1,4")
     q.add_argument("--steps-per-stage", default="1000", help="one value, or one per stage")
     q.add_argument("--batch", type=int, default=16)
     q.add_argument("--lr", type=float, default=1e-4)
@@ -409,6 +463,10 @@ def main() -> None:
     q.add_argument(
         "--reference", help="folder of DDPM 1000 outputs cached by bench_samplers.py (ref-*.npz)"
     )
+    q.add_argument(
+        "--grids", nargs="*", default=[], help="also every model on these DDIM grids: 999,831,77,7"
+    )
+    q.add_argument("--stains", help="only these stains (comma-separated; default: both)")
     q.add_argument("--tag", default="", help="eval<tag>.json")
     q.add_argument("--device", default="cpu")
     q.set_defaults(func=cmd_eval)

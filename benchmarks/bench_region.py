@@ -5,12 +5,14 @@ own µm/px is stained with ``iter_stain`` (the default sampler, DDIM on the Karr
 ``--steps`` 20, one sample, all the model's stains with their auxiliary branches, as the demo
 does). Prints a Markdown table: tiles, tiles/s, Mpx/s (region pixels per second), seconds, and
 the time a 400 Mpx slide of tissue would take at that rate (issue 6's paper-scale goal; real
-slides are partly glass, whose tiles are skipped). "small" is the bundled model; "tiny" and
-"paper" are untrained models of those presets (speed only). "paper" runs on CUDA only unless
-named in ``--presets``.
+slides are partly glass, whose tiles are skipped). "small" is the bundled model; "distilled" its
+distilled student (the default for staining), sampled with its own 4 steps whatever ``--steps``
+says; "tiny" and "paper" are untrained models of those presets (speed only). "paper" runs on
+CUDA only unless named in ``--presets``.
 
     python benchmarks/bench_region.py                          # tiny + small, fp32 + bf16
     python benchmarks/bench_region.py --presets small --precisions bf16 --threads 2
+    python benchmarks/bench_region.py --presets distilled --precisions bf16   # the default model
     python benchmarks/bench_region.py --breakdown              # where the time goes (estimates)
     python benchmarks/bench_region.py --devices cuda --batch auto
 
@@ -45,10 +47,10 @@ from napari_staindiffuser.synthetic import SyntheticSlide
 
 
 def load_model(name: str):
-    if name == "small":
+    if name in ("small", "distilled"):
         from napari_staindiffuser.model.checkpoint import bundled_model_path, load_checkpoint
 
-        return load_checkpoint(bundled_model_path()).model
+        return load_checkpoint(bundled_model_path(distilled=name == "distilled")).model
     torch.manual_seed(0)
     return StainDiffuser(preset(name))
 
@@ -65,7 +67,7 @@ def _load() -> float:
 def stain_row(name, model, img, device, precision, args) -> dict:
     model.to(device)
     kw = dict(
-        steps=args.steps,
+        steps=None if name == "distilled" else args.steps,  # None: the model's own
         batch=args.batch,
         device=str(device),
         image_mpp=model.config.mpp,
@@ -189,8 +191,8 @@ def main() -> None:
                 row = stain_row(name, model, img, torch.device(dev), prec, args)
                 out.append(row)
                 print(row, flush=True)
-    print(f"\n{args.size} x {args.size} px at the model's um/px, {args.steps} steps, "
-          "both stains + aux branches\n")  # fmt: skip
+    print(f"\n{args.size} x {args.size} px at the model's um/px, {args.steps} steps (distilled: "
+          "its own 4), both stains + aux branches\n")  # fmt: skip
     cols = ["preset", "device", "precision", "compiled", "sampler", "tile", "batch", "tiles",
             "tiles/s", "Mpx/s", "s", "400 Mpx min", "load"]  # fmt: skip
     print("| " + " | ".join(cols) + " |")

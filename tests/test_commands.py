@@ -306,3 +306,31 @@ def test_level_region_stays_inside_the_level():
     assert level_region(None, (100, 100), (50, 50)) == (0, 0, 50, 50)
     with pytest.raises(ValueError, match="inside the slide"):
         level_region((90, 0, 20, 10), (100, 100), (100, 100))
+
+
+def test_export_records_a_default_grid_within_a_distilled_models_own(tmp_path, tiny_ckpt, capsys):
+    """``export --timesteps`` makes DDIM on that grid the copy's default; a distilled model only
+    takes points of its own grid; ``--half`` stores float16 weights."""
+    from napari_staindiffuser.model.checkpoint import read_config, save_checkpoint
+    from napari_staindiffuser.sampling import SampleStep, iter_sample
+
+    ckpt = load_checkpoint(tiny_ckpt)
+    student = tmp_path / "student.safetensors"
+    own = {"sampler": "ddim", "steps": 4, "spacing": "custom", "timesteps": [999, 500, 80, 9]}
+    prov = {**ckpt.provenance, "sampling": own}
+    save_checkpoint(student, ckpt.model, ema_state=ckpt.model.state_dict(), provenance=prov)
+    out = tmp_path / "fast.safetensors"
+    assert main(["export", str(student), str(out), "--timesteps", "999,80,9", "--half"]) == 0
+    sampling = read_config(out)[1]["sampling"]
+    assert sampling == {**own, "steps": 3, "timesteps": [999, 80, 9], "subset_of": own["timesteps"]}
+    assert out.stat().st_size < student.stat().st_size * 0.6  # float16
+    model = load_checkpoint(out).model
+    cond = torch.zeros(1, 3, 32, 32)
+    ts = [e.timestep for e in iter_sample(model, cond, aux=False) if isinstance(e, SampleStep)]
+    assert ts == [999, 80, 9]
+    capsys.readouterr()
+    assert main(["export", str(student), str(out), "--timesteps", "999,400,9"]) == 2
+    assert "pick timesteps among its points" in capsys.readouterr().err
+    assert main(["export", str(tiny_ckpt), str(out), "--timesteps", "9,80"]) == 2
+    assert "strictly decreasing" in capsys.readouterr().err
+    assert main(["export", str(tiny_ckpt), str(out), "--timesteps", "9,x"]) == 2

@@ -298,3 +298,80 @@ def test_distillation_loss_decreases_on_a_fixed_batch(teacher_path, pairs):
         losses.append(total.item())
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_distil_one_stains_generation_branch_leaves_every_other_weight_bit_identical(
+    teacher_path, pairs, tmp_path
+):
+    """stains=["CD3"], branches=["gen"]: only CD3's generation UNet changes (the encoder is
+    frozen), only CD3 pairs are drawn, and the provenance says so."""
+    out = tmp_path / "cd3.safetensors"
+    events = list(
+        iter_distill(
+            teacher_path, out, pairs, student_steps=2, teacher_steps=4, stains=["CD3"],
+            branches=["gen"], step_weights=[1, 3], steps_per_stage=3, batch_size=4, lr=1e-2,
+            warmup_steps=0, val_source=pairs, device="cpu",
+        )
+    )  # fmt: skip
+    for ev in events:
+        if isinstance(ev, (TrainStep, Validation)):
+            assert set(ev.losses) == {"gen/CD3", "total", "stage_steps"}
+    before = load_checkpoint(teacher_path, weights="ema").model.state_dict()
+    after = load_checkpoint(out).model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("gen.CD3.") for k in changed), sorted(changed)[:5]
+    info = read_config(out)[1]["distillation"]
+    assert (info["stains"], info["branches"], info["step_weights"]) == (["CD3"], ["gen"], [1, 3])
+    assert info["frozen"]
+
+
+def test_step_weights_choose_which_student_steps_are_trained(pairs):
+    cfg = _config()
+    teacher, student = _tiny_model(2), _tiny_model(3).train()
+    schedule = make_schedule(cfg)
+    batch = make_batch(list(pairs) * 8, image_size=PX, stains=cfg.stains)
+    batch = {k: torch.from_numpy(v) for k, v in batch.items()}
+    grid = teacher_grid(schedule, 2)
+    seen: list[int] = []
+    denoise = student.denoise
+
+    def spy(branch, stain, x, t, feats):
+        seen.extend(t.tolist())
+        return denoise(branch, stain, x, t, feats)
+
+    student.denoise = spy
+    for weights, expect in (([0.0, 1.0], {2}), ([1.0, 0.0], {0}), (None, {0, 2})):
+        seen.clear()
+        w = None if weights is None else torch.tensor(weights)
+        total, _ = distill_losses(
+            student, teacher, schedule, 2, batch, torch.Generator().manual_seed(0), grid=grid,
+            step_weights=w, train_encoder=False,
+        )  # fmt: skip
+        assert set(seen) == {int(grid[0][i]) for i in expect}
+        total.backward()  # frozen channels-last features: no crash in GroupNorm's backward
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"stains": ["HER2"]}, "stains must name"),
+        ({"stains": []}, "stains must name"),
+        ({"branches": ["reverse"]}, "branches must be"),
+        ({"step_weights": [1, 1, 1]}, "one weight per student step"),
+        ({"step_weights": [1, 1], "teacher_steps": 8}, "single stage"),
+        ({"step_weights": [0, 0]}, "positive sum"),
+        ({"step_weights": [1, float("nan")]}, "positive sum"),
+    ],
+)
+def test_what_to_distil_is_checked(teacher_path, pairs, tmp_path, kw, match):
+    kw = {"student_steps": 2, "teacher_steps": 4, "steps_per_stage": 1, "device": "cpu", **kw}
+    with pytest.raises(ValueError, match=match):
+        list(iter_distill(teacher_path, tmp_path / "x.safetensors", pairs, **kw))
+    assert not list(tmp_path.iterdir())
+
+
+def test_distilling_a_stain_the_data_lack_is_refused(teacher_path, pairs, tmp_path):
+    ck_only = [p for p in pairs if p.stain == "CK8/18"]
+    with pytest.raises(ValueError, match=r"hold no pairs of \['CD3'\]"):
+        list(iter_distill(teacher_path, tmp_path / "x.safetensors", ck_only, stains=["CD3"],
+                          student_steps=2, teacher_steps=4, device="cpu"))  # fmt: skip

@@ -96,3 +96,20 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert "not a readable safetensors" in capsys.readouterr().err
     assert main(["train", "--synthetic", "2", "--stains", "CD3,HER2", "--out", "x"]) == 2
     assert "HER2" in capsys.readouterr().err
+
+
+def test_cli_distill_one_stains_generation_branch(tiny_ckpt, tmp_path, capsys):
+    """``distill --stains --branches --step-weights``: only CD3 pairs are rendered and the choice
+    lands in the provenance; malformed weights exit 2."""
+    out = tmp_path / "s.safetensors"
+    args = ["distill", str(tiny_ckpt), "--out", str(out), "--steps", "2", "--teacher-steps", "4"]
+    args += ["--steps-per-stage", "1", "--synthetic", "2", "--batch", "2", "--device", "cpu"]
+    focus = ["--stains", "CD3", "--branches", "gen", "--step-weights", "1,2"]
+    assert main([*args, *focus]) == 0
+    assert "rendering 2 SYNTHETIC pairs" in capsys.readouterr().out
+    assert main(["info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)["provenance"]["distillation"]
+    assert (info["stains"], info["branches"], info["step_weights"]) == (["CD3"], ["gen"], [1, 2])
+    assert "stains=['CD3']" in info["data"]  # only CD3 pairs were rendered
+    assert main([*args, "--step-weights", "1,x"]) == 2
+    assert "--step-weights needs comma-separated numbers" in capsys.readouterr().err

@@ -220,9 +220,13 @@ def test_model_list_follows_new_checkpoints(dock, tiny_ckpt, tmp_path):
     assert other.resolve() in widget._model.choices
     assert widget._model.value == tiny_ckpt.resolve()  # the selection is kept
     names = [name for name, _ in widget._model_choices()]
-    assert names[0] == "bundled demo model" and names[1].startswith("finetuned.safetensors")
+    assert names[:2] == ["bundled demo model, distilled", "bundled demo model"]
+    assert names[2].startswith("finetuned.safetensors")
     widget._model.value = other.resolve()
     assert "CD3" in widget._summary.value and "trained 0 steps" in widget._summary.value
+    widget._model.value = widget._model_choices()[0][1]  # the default: the distilled model
+    assert (widget._sampler.value, widget._steps.value) == ("ddim", 4)
+    assert "distilled for ddim, 4 steps" in widget._summary.value
 
 
 def test_event_loop_keeps_beating_while_staining(qtbot, dock):

@@ -387,13 +387,13 @@ def iter_stain_distributed(
     WorkerTaskError
         A task failed on a worker (message and ``.tiles`` name its tiles).
     """
-    from .checkpoint_meta import bundled_model_path, model_hash, read_config
+    from .checkpoint_meta import default_model_path, model_hash, read_config
 
     address = _address(scheduler, n_workers, threads_per_worker)
     for name, v in (("batch", batch), ("samples", samples)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
-    model_path = Path(model_path or bundled_model_path()).expanduser().resolve()
+    model_path = Path(model_path or default_model_path()).expanduser().resolve()
     if not model_path.is_file():
         raise FileNotFoundError(f"no such checkpoint: {model_path}")
     config, ckpt_provenance = read_config(model_path)
@@ -540,9 +540,9 @@ def preload_model(
 ) -> dict[str, str]:
     """Load the checkpoint on every worker of ``client`` now (each worker otherwise loads it on
     its first task): fails early when a worker cannot read it. Returns worker -> device."""
-    from .checkpoint_meta import bundled_model_path, model_hash
+    from .checkpoint_meta import default_model_path, model_hash
 
-    path = Path(model_path or bundled_model_path()).expanduser().resolve()
+    path = Path(model_path or default_model_path()).expanduser().resolve()
     spec = _ModelSpec(str(path), model_hash(path), "", 0, True, str(device), "fp32", None, 0)
     return client.run(_preload, spec)
 

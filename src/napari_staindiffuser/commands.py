@@ -15,6 +15,18 @@ from pathlib import Path
 import numpy as np
 
 
+def _csv(text: str | None) -> list[str] | None:
+    """``"a, b"`` -> ``["a", "b"]``; None stays None."""
+    return None if text is None else [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _floats(text: str | None, name: str) -> list[float] | None:
+    try:
+        return None if text is None else [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{name} needs comma-separated numbers; got {text!r}") from None
+
+
 def _ints(text: str, n: int, name: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -149,12 +161,12 @@ def run_stain(
     from .events import Progress
     from .inference import StainResult, TileStained, iter_stain
     from .io import open_slide
-    from .model.checkpoint import bundled_model_path, load_checkpoint, model_hash
+    from .model.checkpoint import default_model_path, load_checkpoint, model_hash
     from .ome_tiff import write_stain_outputs
     from .outputs import prepare_output_dir, write_text_atomic
     from .training import resolve_device
 
-    model_path = Path(model_path) if model_path else bundled_model_path()
+    model_path = Path(model_path) if model_path else default_model_path()
     ckpt = load_checkpoint(model_path)
     slide = image if image is not None else open_slide(slide_path, mpp=mpp)
     model_mpp = ckpt.config.mpp
@@ -278,7 +290,7 @@ def _batch_arg(text: str) -> int | str:
 
 
 def cmd_stain(args: argparse.Namespace) -> int:
-    stains = [s.strip() for s in args.stains.split(",")] if args.stains else None
+    stains = _csv(args.stains) or None
     region = _ints(args.region, 4, "--region x,y,w,h") if args.region else None
     from .runtime import configure_threads
 
@@ -425,7 +437,14 @@ def cmd_patches(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .model.checkpoint import export_checkpoint
 
-    path = export_checkpoint(args.checkpoint, args.out)
+    path = export_checkpoint(
+        args.checkpoint,
+        args.out,
+        timesteps=_ints(args.timesteps, args.timesteps.count(",") + 1, "--timesteps")
+        if args.timesteps
+        else None,
+        half=args.half,
+    )
     print(
         f"inference-only checkpoint (EMA weights, no optimizer state): {path} "
         f"({path.stat().st_size / 1e6:.1f} MB)"
@@ -440,6 +459,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .pairs import PairFolder, synthetic_pairs
 
     config, _ = read_config(args.teacher)
+    only = _csv(args.stains)
     if args.data:
         source = PairFolder(args.data)
     elif args.synthetic > 0:
@@ -447,7 +467,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         mpp = config.image_size * config.mpp / size  # downsampled to the model's µm/px
         print(f"rendering {args.synthetic} SYNTHETIC pairs ...", flush=True)
         source = synthetic_pairs(
-            args.seed, args.synthetic, stains=config.stains, size=size, mpp=mpp
+            args.seed, args.synthetic, stains=only or config.stains, size=size, mpp=mpp
         )
     else:
         raise ValueError("give training data: --data FOLDER (with manifest.csv) or --synthetic N")
@@ -462,6 +482,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         teacher_steps=args.teacher_steps,
         grid=args.grid,
         init_student=args.init_student,
+        stains=only,
+        branches=_csv(args.branches),
+        step_weights=_floats(args.step_weights, "--step-weights"),
         steps_per_stage=per_stage[0] if len(per_stage) == 1 else per_stage,
         batch_size=args.batch,
         lr=args.lr,
@@ -601,6 +624,16 @@ def add_commands(sub) -> None:
         "--init-student", help="start from this student instead of the teacher (continue a stage)"
     )
     p.add_argument(
+        "--stains",
+        help="distil only these stains' branches, e.g. CD3 (comma-separated; synthetic pairs "
+        "of these only); the encoder and the other branches stay as they are",
+    )
+    p.add_argument("--branches", help="distil only these branch kinds: gen, aux (comma-separated)")
+    p.add_argument(
+        "--step-weights",
+        help="how often each student step is trained, e.g. 1,1,1,4 (one stage only)",
+    )
+    p.add_argument(
         "--steps-per-stage", default="1000", help="optimisation steps per halving (or a,b,...)"
     )
     p.add_argument("--data", help="paired-patch folder (manifest.csv)")
@@ -615,6 +648,12 @@ def add_commands(sub) -> None:
     p = sub.add_parser("export", help="strip training state: an inference-only checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("out")
+    p.add_argument(
+        "--timesteps",
+        help="make DDIM on this grid the copy's default sampler, e.g. 999,831,77,7 (for a "
+        "distilled model: points of its own grid)",
+    )
+    p.add_argument("--half", action="store_true", help="store the weights as float16")
     p.set_defaults(func=cmd_export)
 
     from .evaluate import add_parser as add_evaluate

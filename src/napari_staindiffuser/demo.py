@@ -128,7 +128,7 @@ def run_demo(
     """Run the demo; returns the report (also written to ``out/demo_report.json``)."""
     from .commands import preview_png, run_stain
     from .io import Slide, sample_svs_path
-    from .model.checkpoint import bundled_model_path
+    from .model.checkpoint import default_model_path
     from .outputs import write_text_atomic
     from .synthetic import SyntheticSlide
 
@@ -139,7 +139,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     if train_steps > 0:
         model = train_tiny(out, train_steps, seed, log)
-    model = Path(model) if model else bundled_model_path()
+    model = Path(model) if model else default_model_path()
     from .model.checkpoint import load_checkpoint
     from .sampling import resolve_sampling
 

@@ -40,11 +40,12 @@ import numpy as np
 import torch
 
 from . import __version__
+from .config import stain_key
 from .diffusion import NoiseSchedule, custom_timesteps, karras_timesteps, make_timesteps
 from .events import CheckpointSaved, Event, Finished, TrainStep, Validation
 from .model import Branch, StainDiffuser
 from .model.checkpoint import load_checkpoint, model_hash, save_checkpoint
-from .pairs import InMemoryPairs, PairSample, make_batch
+from .pairs import InMemoryPairs, PairFolder, PairSample, make_batch
 from .training import (
     EMA,
     TrainControl,
@@ -207,6 +208,10 @@ def distill_losses(
     generator: torch.Generator,
     *,
     grid: tuple[torch.Tensor, torch.Tensor] | None = None,
+    step_weights: torch.Tensor | None = None,
+    stains: Sequence[str] | None = None,
+    branches: Sequence[Branch | str] | None = None,
+    train_encoder: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation loss of one batch, every branch with its own teacher target.
 
@@ -214,6 +219,11 @@ def distill_losses(
     per-stain loss weights, each sample trains its own stain's branches), but the target is two
     teacher DDIM steps on the ``2 * student_steps`` grid (see the module docstring): ``grid``,
     :func:`teacher_grid`'s result (default: the trailing grid).
+
+    ``step_weights`` (``student_steps`` non-negative values): how often each student step is
+    drawn (default: uniformly). ``stains`` and ``branches`` (default: all) limit the loss to
+    those stains' samples and those branch kinds; ``train_encoder=False`` computes the student's
+    encoder features without gradients.
 
     Returns
     -------
@@ -228,19 +238,32 @@ def distill_losses(
     t2, abar2 = teacher_grid(schedule, student_steps) if grid is None else grid
     if len(t2) != 2 * student_steps:
         raise ValueError(f"grid has {len(t2)} points; need 2 * student_steps = {2 * student_steps}")
-    tasks = [(Branch.GEN, batch["ihc"], torch.tensor(cfg.lambda_gen, device=dev)[stain])]
-    if student.aux is not None:
+    kinds = {Branch(k) for k in branches} if branches is not None else {Branch.GEN, Branch.AUX}
+    tasks = []
+    if Branch.GEN in kinds:
+        tasks.append((Branch.GEN, batch["ihc"], torch.tensor(cfg.lambda_gen, device=dev)[stain]))
+    if student.aux is not None and Branch.AUX in kinds:
         if "aux" not in batch:
             raise ValueError("the model has an auxiliary branch: the batch needs 'aux'")
         tasks.append((Branch.AUX, batch["aux"], torch.tensor(cfg.lambda_aux, device=dev)[stain]))
+    if not tasks:
+        raise ValueError(f"no branch to distil: branches {sorted(k.value for k in kinds)}")
 
-    feats = student.encode(he)
+    if train_encoder:
+        feats = student.encode(he)
+    else:  # contiguous: torch's CPU GroupNorm backward crashes on channels-last inputs that
+        # need no gradient (the attention's norm of frozen features; torch 2.13)
+        with torch.no_grad():
+            feats = [f.contiguous() for f in student.encode(he)]
     with torch.no_grad():
         t_feats = teacher.encode(he)
     total = he.new_zeros(())
     parts: dict[str, torch.Tensor] = {}
     for branch, x0, lam in tasks:
-        i = torch.randint(0, student_steps, (b,), generator=generator)
+        if step_weights is None:
+            i = torch.randint(0, student_steps, (b,), generator=generator)
+        else:
+            i = torch.multinomial(step_weights, b, replacement=True, generator=generator)
         noise = torch.randn(tuple(x0.shape), generator=generator).to(dev)
         t, t_mid = t2[2 * i].to(dev), t2[2 * i + 1].to(dev)  # student step t -> t2[2i + 2]
         a_t, a_mid, a_s = abar2[2 * i], abar2[2 * i + 1], abar2[2 * i + 2]
@@ -248,7 +271,7 @@ def distill_losses(
         per_sample = x0.new_zeros(b)
         for k, name in enumerate(cfg.stains):
             sel = (stain == k).nonzero(as_tuple=True)[0]
-            if sel.numel() == 0:
+            if sel.numel() == 0 or (stains is not None and name not in stains):
                 continue
             sel_cpu = sel.cpu()
             with torch.no_grad():
@@ -268,7 +291,7 @@ def distill_losses(
 
 
 def _validate(student, shadow, teacher, schedule, n, val_source, at, *, seed, batch_size,
-              val_batches, batch_kw, grid) -> Validation:  # fmt: skip
+              val_batches, batch_kw, grid, keep, loss_kw) -> Validation:  # fmt: skip
     """Distillation loss of the EMA student on fixed held-out batches."""
     dev = next(student.parameters()).device
     ev_model = copy.deepcopy(student).eval()
@@ -277,11 +300,11 @@ def _validate(student, shadow, teacher, schedule, n, val_source, at, *, seed, ba
     with torch.no_grad():
         for j in range(val_batches):
             rng = np.random.default_rng([seed, 1_000_003, j])
-            idx = rng.integers(len(val_source), size=batch_size)
-            batch = make_batch([val_source[int(i)] for i in idx], **batch_kw)
+            idx = rng.integers(len(keep), size=batch_size)
+            batch = make_batch([val_source[keep[i]] for i in idx], **batch_kw)
             gen = torch.Generator().manual_seed(_step_seed(seed, j, 7))
             total, parts = distill_losses(
-                ev_model, teacher, schedule, n, _to_tensors(batch, dev), gen, grid=grid
+                ev_model, teacher, schedule, n, _to_tensors(batch, dev), gen, grid=grid, **loss_kw
             )
             sums.setdefault("total", []).append(float(total))
             for key, v in parts.items():
@@ -289,6 +312,83 @@ def _validate(student, shadow, teacher, schedule, n, val_source, at, *, seed, ba
     losses = {key: float(np.mean(v)) for key, v in sums.items()}
     losses["stage_steps"] = float(n)
     return Validation(step=at, losses=losses)
+
+
+def _focus(config, plan, stains, branches, step_weights) -> dict[str, Any]:
+    """Check what to distil (``iter_distill``'s ``stains``, ``branches``, ``step_weights``).
+
+    Returns the provenance values (``None``: all) and ``loss_kw`` for :func:`distill_losses`.
+    """
+    kinds = ["gen", "aux"] if config.has_aux else ["gen"]
+    if stains is not None:
+        stains = list(dict.fromkeys(stains))
+        unknown = [s for s in stains if s not in config.stains]
+        if not stains or unknown:
+            raise ValueError(
+                f"stains must name some of the model's stains {list(config.stains)}; got {stains}"
+            )
+    if branches is not None:
+        branches = list(dict.fromkeys(str(getattr(b, "value", b)) for b in branches))
+        if not branches or not set(branches) <= set(kinds):
+            raise ValueError(f"branches must be some of {kinds} for this model; got {branches}")
+    weights = None
+    if step_weights is not None:
+        weights = [float(w) for w in step_weights]
+        if len(plan) != 1 or len(weights) != plan[0]:
+            raise ValueError(
+                f"step_weights needs one weight per student step of a single stage "
+                f"(teacher_steps = 2 x student_steps); the stages are {plan}, got {len(weights)} "
+                "weights"
+            )
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"step_weights must be >= 0 with a positive sum; got {weights}")
+    partial = (stains is not None and set(stains) != set(config.stains)) or (
+        branches is not None and set(branches) != set(kinds)
+    )
+    loss_kw = {
+        "stains": stains,
+        "branches": branches,
+        "step_weights": None if weights is None else torch.tensor(weights),
+        "train_encoder": not partial,
+    }
+    return {
+        "stains": stains,
+        "branches": branches,
+        "step_weights": weights,
+        "frozen": "all but the distilled branches" if partial else None,
+        "loss_kw": loss_kw,
+    }
+
+
+def _indices_of(source, stains) -> list[int]:
+    """Indices of the pairs of ``stains`` (all when None), read from the manifest or the samples
+    where the source allows, so that a lazy folder's images are not read."""
+    if stains is None:
+        return list(range(len(source)))
+    if isinstance(source, InMemoryPairs):
+        found = [s.stain for s in source.samples]
+    elif isinstance(source, PairFolder):
+        found = [r["stain"] for r in source.rows]
+    else:
+        found = [source[i].stain for i in range(len(source))]
+    keep = [i for i, s in enumerate(found) if s in stains]
+    if not keep:
+        raise ValueError(f"the data hold no pairs of {stains}; they have {sorted(set(found))}")
+    return keep
+
+
+def _trainable(student: StainDiffuser, focus: dict[str, Any]) -> list[torch.nn.Parameter]:
+    """Freeze what ``focus`` leaves out (nothing by default); the parameters to optimise."""
+    if focus["frozen"] is None:
+        return list(student.parameters())
+    student.requires_grad_(False)
+    stains = focus["stains"] or student.stains
+    for kind in focus["branches"] or ("gen", "aux"):
+        modules = getattr(student, kind)
+        if modules is not None:
+            for s in stains:
+                modules[stain_key(s)].requires_grad_(True)
+    return [p for p in student.parameters() if p.requires_grad]
 
 
 def _sampling_record(timesteps: torch.Tensor, n: int, grid) -> dict[str, Any]:
@@ -307,6 +407,9 @@ def iter_distill(
     teacher_steps: int = 16,
     grid: str = "karras",
     init_student: str | Path | None = None,
+    stains: Sequence[str] | None = None,
+    branches: Sequence[str] | None = None,
+    step_weights: Sequence[float] | None = None,
     steps_per_stage: int | Sequence[int] = 1000,
     batch_size: int = 16,
     lr: float = 1e-4,
@@ -347,6 +450,18 @@ def iter_distill(
         teacher's (same architecture): to continue a stage that was cut short or needs more
         steps, e.g. teacher ``student-8step`` with ``grid="teacher"`` and ``init_student`` the
         4-step student of that stage.
+    stains, branches : sequence of str, optional
+        Distil only these stains' branches (default: all; the training and validation pairs of
+        other stains are skipped) and only these branch kinds (``"gen"``, ``"aux"``; default:
+        both). When either leaves something out, the shared encoder is frozen too, so every
+        weight outside the chosen branches stays bit-identical to the first stage's student:
+        with ``init_student``, to improve the stain that is short of parity without touching
+        the ones that are at it.
+    step_weights : sequence of float, optional
+        How often each student step is trained, one non-negative weight per step (default:
+        uniform), e.g. ``(1, 1, 1, 4)`` to train the last step (the jump to the clean image)
+        4 times as often as each other; a single stage only (``teacher_steps = 2 *
+        student_steps``).
     out : path
         The final student (``.safetensors``). Earlier stages are written beside it as
         ``<stem>-<N>step.safetensors``. Inference-only (EMA weights, no optimizer state),
@@ -396,6 +511,9 @@ def iter_distill(
         source = source.resized(config.image_size)
     if isinstance(val_source, InMemoryPairs):
         val_source = val_source.resized(config.image_size)
+    focus = _focus(config, plan, stains, branches, step_weights)
+    keep = _indices_of(source, focus["stains"])
+    val_keep = _indices_of(val_source, focus["stains"]) if val_source is not None else None
     schedule = make_schedule(config)
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {GRIDS}; got {grid!r}")
@@ -434,6 +552,7 @@ def iter_distill(
         "teacher": Path(teacher_checkpoint).name,
         "teacher_sha256": model_hash(teacher_checkpoint),
         **({"init_student": Path(init_student).name} if init_student is not None else {}),
+        **{k: v for k, v in focus.items() if v is not None and k != "loss_kw"},
         "teacher_steps": int(teacher_steps),
         "grid": grid,
         "teacher_grid": distill_grid(schedule, base, teacher_steps).tolist(),
@@ -476,7 +595,8 @@ def iter_distill(
             student = copy.deepcopy(teacher).train().requires_grad_(True)
             if k == 0 and init_state is not None:
                 student.load_state_dict(init_state)
-            optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+            params = _trainable(student, focus)
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
             ema = EMA(student, ema_decay)
 
             def lr_at(j: int, n_steps=n_steps) -> float:
@@ -487,14 +607,14 @@ def iter_distill(
                 return _validate(
                     student, ema.shadow, teacher, schedule, n, val_source, at,
                     seed=seed, batch_size=batch_size, val_batches=val_batches, batch_kw=batch_kw,
-                    grid=grids[n],
+                    grid=grids[n], keep=val_keep, loss_kw=focus["loss_kw"],
                 )  # fmt: skip
 
             for j in range(n_steps):
                 rng = np.random.default_rng([seed, k, j])
-                idx = rng.integers(len(source), size=batch_size)
+                idx = rng.integers(len(keep), size=batch_size)
                 batch = make_batch(
-                    [source[int(i)] for i in idx],
+                    [source[keep[i]] for i in idx],
                     rng=rng,
                     augment=augment,
                     color_jitter=color_jitter,
@@ -505,8 +625,9 @@ def iter_distill(
                 for group in optimizer.param_groups:
                     group["lr"] = cur_lr
                 total, parts = distill_losses(
-                    student, teacher, schedule, n, _to_tensors(batch, dev), gen, grid=grids[n]
-                )
+                    student, teacher, schedule, n, _to_tensors(batch, dev), gen, grid=grids[n],
+                    **focus["loss_kw"],
+                )  # fmt: skip
                 if not torch.isfinite(total):
                     raise FloatingPointError(
                         f"the distillation loss became {float(total)} at step {step + 1}: "
@@ -514,7 +635,7 @@ def iter_distill(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
-                torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
                 optimizer.step()
                 ema.update(student, j)
                 step += 1

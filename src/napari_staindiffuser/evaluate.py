@@ -116,10 +116,10 @@ def model_name(path: str | Path | None) -> str:
 
 
 def _load(path, device: str):
-    from .model.checkpoint import bundled_model_path, load_checkpoint
+    from .model.checkpoint import default_model_path, load_checkpoint
     from .training import resolve_device
 
-    ckpt = load_checkpoint(Path(path) if path else bundled_model_path())
+    ckpt = load_checkpoint(Path(path) if path else default_model_path())
     dev = resolve_device(device)
     return ckpt.model.to(dev).eval(), dev
 
@@ -524,9 +524,9 @@ def _data_from_args(args) -> dict[str, Any]:
 
         model = (args.model or [None])[0]
         if model is None:
-            from .checkpoint_meta import bundled_model_path
+            from .checkpoint_meta import default_model_path
 
-            model = bundled_model_path()
+            model = default_model_path()
         config, _ = read_config(model)
         stains = [s.strip() for s in args.stains.split(",")] if args.stains else config.stains
         return {"pairs": held_out_synthetic(args.synthetic, stains, config)}

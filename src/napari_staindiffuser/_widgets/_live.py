@@ -18,7 +18,6 @@ from typing import Any
 from ._common import (
     add_or_replace,
     camera,
-    choose_level,
     image_levels,
     layer_mpp,
     level_downsample,
@@ -162,23 +161,11 @@ class LiveController:
         from napari_staindiffuser.live import LiveGrid, LiveStainer
 
         d = self.dock
-        he = d._he.value
-        if he is None:
-            raise ValueError("no H&E layer: open an H&E slide (File > Open) or a sample first")
-        if d._config is None or d._model.value is None:
-            raise ValueError("no usable model: pick the bundled model or open a checkpoint")
-        stains = d.selected_stains()
-        if not stains:
-            raise ValueError("no stain selected: tick at least one stain")
+        he, stains, level, data = d.checked_input()
         cfg = d._config
-        level = d._level.value if d._level.value is not None else -1
-        if level < 0:
-            level = choose_level(he, cfg.mpp)
-        data = image_levels(he)[level]
-        if data.ndim != 3 or data.shape[2] not in (3, 4) or data.dtype != np.uint8:
+        if data.dtype != np.uint8:
             raise ValueError(
-                f"'{he.name}' must be an 8-bit RGB image for live staining; got "
-                f"{data.dtype} {tuple(data.shape)}"
+                f"'{he.name}' must be an 8-bit RGB image for live staining; got {data.dtype}"
             )
         image = data[..., :3] if data.shape[2] == 4 else data
         mpp0 = layer_mpp(he)

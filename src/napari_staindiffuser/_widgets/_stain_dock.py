@@ -251,14 +251,14 @@ class StainWidget(Container):
         from napari_staindiffuser.checkpoint_meta import bundled_model_path
         from napari_staindiffuser.settings import recent_models
 
-        out = []
-        try:
-            bundled = bundled_model_path()
-            out.append(("bundled demo model", bundled))
-        except FileNotFoundError:
-            bundled = None
+        out = []  # the first is the default: the distilled model (4 steps at parity)
+        names = ("bundled demo model, distilled", "bundled demo model")
+        for name, distilled in zip(names, (True, False), strict=True):
+            with contextlib.suppress(FileNotFoundError):
+                out.append((name, bundled_model_path(distilled=distilled)))
+        bundled = {p for _, p in out}
         for p in recent_models():
-            if p != bundled:
+            if p not in bundled:
                 out.append((f"{p.name} ({p.parent})", p))
         return out
 
@@ -348,22 +348,27 @@ class StainWidget(Container):
     def selected_stains(self) -> list[str]:
         return [w.text for w in self._stains if isinstance(w, CheckBox) and w.value]
 
-    def _make_job(self) -> tuple[Job, dict[str, Any]]:
+    def checked_input(self) -> tuple[Any, list[str], int, Any]:
+        """The H&E layer, the ticked stains, the pyramid level (resolved) and its RGB(A) array,
+        for a run or live mode; a ValueError that says what to do when something is missing."""
         layer = self._he.value
         if layer is None:
             raise ValueError("no H&E layer: open an H&E slide (File > Open) or a sample first")
-        if self._config is None:
+        if self._config is None or self._model.value is None:
             raise ValueError("no usable model: pick the bundled model or open a checkpoint")
         stains = self.selected_stains()
         if not stains:
             raise ValueError("no stain selected: tick at least one stain")
-        cfg = self._config
         level = self._level.value if self._level.value is not None else -1
         if level < 0:
-            level = choose_level(layer, cfg.mpp)
+            level = choose_level(layer, self._config.mpp)
         data = image_levels(layer)[level]
         if data.ndim != 3 or data.shape[2] not in (3, 4):
             raise ValueError(f"'{layer.name}' is not an RGB image (shape {tuple(data.shape)})")
+        return layer, stains, level, data
+
+    def _make_job(self) -> tuple[Job, dict[str, Any]]:
+        layer, stains, level, data = self.checked_input()
         if data.dtype != np.uint8:
             if hasattr(data, "compute"):
                 raise ValueError(

@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from ..checkpoint_meta import (
     FORMAT,
     FORMAT_VERSION,
     bundled_model_path,
+    default_model_path,
     model_hash,
     read_config,
     read_metadata,
@@ -44,7 +46,8 @@ from ..config import ModelConfig
 from .staindiffuser import StainDiffuser
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "read_config", "read_metadata"]
-__all__ += ["bundled_model_path", "export_checkpoint", "load_checkpoint", "model_hash"]
+__all__ += ["bundled_model_path", "default_model_path", "export_checkpoint", "load_checkpoint"]
+__all__ += ["model_hash"]
 __all__ += ["Checkpoint", "TrainingState", "save_checkpoint"]
 
 
@@ -270,11 +273,41 @@ def load_checkpoint(
     )
 
 
-def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Write an inference-only copy of ``src``: EMA (or raw) weights, config and provenance."""
+def export_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    timesteps: Sequence[int] | None = None,
+    half: bool = False,
+) -> Path:
+    """Write an inference-only copy of ``src``: EMA (or raw) weights, config and provenance.
+
+    ``timesteps`` makes DDIM on that explicit grid (strictly decreasing training timesteps) the
+    copy's default sampler (provenance ``sampling``, see ``sampling.resolve_sampling``); for a
+    distilled model the grid must be points of its own grid, the only timesteps it was trained
+    at. ``half`` stores the weights as float16 (loading casts them back to float32).
+    """
     ckpt = load_checkpoint(src, weights="ema")
     prov = {**ckpt.provenance, "exported_from": Path(src).name, "weights": ckpt.weights}
-    return save_checkpoint(dst, ckpt.model, ema_state=ckpt.model.state_dict(), provenance=prov)
+    if timesteps is not None:
+        from ..diffusion import custom_timesteps
+
+        n_train = ckpt.config.schedule.num_train_timesteps
+        ts = custom_timesteps(list(timesteps), n_train, len(timesteps)).tolist()
+        own = (ckpt.provenance.get("sampling") or {}).get("timesteps")
+        if own is not None and not set(ts) <= set(own):
+            raise ValueError(
+                f"{Path(src).name} is distilled for the grid {own}: pick timesteps among its "
+                f"points; got {ts}"
+            )
+        prov["sampling"] = {"sampler": "ddim", "steps": len(ts), "spacing": "custom",
+                            "timesteps": ts}  # fmt: skip
+        if own is not None:
+            prov["sampling"]["subset_of"] = own
+    state = ckpt.model.state_dict()
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    return save_checkpoint(dst, ckpt.model, ema_state=state, provenance=prov)
 
 
 def derive_checkpoint(
