@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bundled model; writes OME-TIFFs and previews",
     )
     p.add_argument("--out", default="staindiffuser-demo", help="output folder")
-    p.add_argument("--model", help="use this checkpoint instead of the bundled model")
+    p.add_argument("--model", help="use this checkpoint instead of the bundled distilled model")
     p.add_argument(
         "--train-steps",
         type=int,

@@ -347,8 +347,8 @@ def iter_stain_distributed(
         A slide file (the workers open it: they need read access to the same path), a Slide
         (read by path when it has one) or an in-memory image (scattered to the workers once).
     model_path : path, optional
-        Checkpoint (.safetensors); the bundled model by default. The workers load it from this
-        path (same file on every worker: checked by SHA-256).
+        Checkpoint (.safetensors); the bundled distilled model by default. The workers load
+        it from this path (same file on every worker: checked by SHA-256).
     region : (y, x, h, w), optional
         In pixels of the level used; the whole level by default.
     scheduler : str or cluster, optional

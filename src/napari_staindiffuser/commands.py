@@ -518,7 +518,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def add_commands(sub) -> None:
     p = sub.add_parser("stain", help="virtual IHC for a slide region (OME-TIFF + PNG preview)")
     p.add_argument("slide", help="H&E slide or image: SVS, (OME-)TIFF, PNG, JPEG")
-    p.add_argument("--model", help="checkpoint (.safetensors); default: the bundled model")
+    p.add_argument(
+        "--model", help="checkpoint (.safetensors); default: the bundled distilled model"
+    )
     p.add_argument("--stains", help="comma-separated, e.g. CD3,CK8/18 (default: all)")
     p.add_argument("--region", help="x,y,w,h in level-0 pixels (default: whole image)")
     p.add_argument(

@@ -112,7 +112,10 @@ def held_out_synthetic(n: int, stains: Sequence[str], config, *, size: int = 256
 
 
 def model_name(path: str | Path | None) -> str:
-    return "bundled" if path is None else Path(path).stem
+    """A model's label in the tables: its file's stem (the default model's when None)."""
+    from .checkpoint_meta import default_model_path
+
+    return Path(path or default_model_path()).stem
 
 
 def _load(path, device: str):
@@ -379,7 +382,7 @@ def iter_evaluate(
         del model
         yield Progress(mi + 1, len(models), stage="models")
     config = {
-        "models": [str(p) if p else "bundled" for p in models],
+        "models": [str(p) if p else model_name(None) for p in models],
         "data": getattr(pairs, "description", None) if pairs is not None else _slides_desc(slides),
         "sampler": str(getattr(sampler, "value", sampler)) if sampler else "each model's default",
         "steps": steps or "each model's default",
